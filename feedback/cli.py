@@ -1,0 +1,9 @@
+"""`instructloop` verbs of the feedback component (see instructloop/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add this component's verbs to the top-level parser."""

@@ -1,0 +1,5 @@
+import sys
+
+from instructloop.cli import main
+
+sys.exit(main())
