@@ -1,0 +1,364 @@
+"""Serving benchmark: instructloop's gRPC server against vLLM's own OpenAI-compatible server.
+
+Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments, same
+prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. The two
+servers run one after the other (never together: they would share the two cores).
+
+Measured per server and concurrency: output tokens per second (all output tokens / wall time),
+time to first token p50/p99, end-to-end latency p50/p99. instructloop logs every completion to
+a durable Redis (AOF, appendfsync always) before it answers, as it does in production.
+
+    python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 8 32 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR, Proc, machine, percentile, python, write_results
+
+MAX_TOKENS = 128
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
+MAX_MODEL_LEN = 2048
+API_KEY = "bench-key"
+
+TOPICS = [
+    "the water cycle", "how vaccines work", "the history of the printing press",
+    "why the sky is blue", "photosynthesis", "the rules of chess", "black holes",
+    "how a bicycle stays upright", "the French revolution", "machine learning",
+    "volcanoes", "the stock market", "coral reefs", "the internet", "honey bees",
+    "the moon landing",
+]  # fmt: skip
+
+
+def prompts(model_dir: Path, n: int) -> list[str]:
+    """Chat-formatted prompts, rendered once here so both servers get identical text."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    out = []
+    for i in range(n):
+        msg = [{"role": "user", "content": f"Explain {TOPICS[i % len(TOPICS)]} in detail."}]
+        out.append(tok.apply_chat_template(msg, tokenize=False, add_generation_prompt=True))
+    return out
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    e2e_s: float
+    output_tokens: int
+
+
+@dataclass
+class LevelResult:
+    server: str
+    concurrency: int
+    requests: int
+    failed: int
+    output_tokens: int
+    wall_s: float
+    output_tok_per_s: float
+    ttft_p50_s: float
+    ttft_p99_s: float
+    e2e_p50_s: float
+    e2e_p99_s: float
+
+
+async def _run_level(
+    name: str, one, texts: list[str], concurrency: int, n_requests: int
+) -> LevelResult:
+    queue: asyncio.Queue[str] = asyncio.Queue()
+    for i in range(n_requests):
+        queue.put_nowait(texts[i % len(texts)])
+    samples: list[Sample] = []
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        while True:
+            try:
+                text = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            try:
+                samples.append(await one(text))
+            except Exception as e:  # counted, and shown once
+                failed += 1
+                if failed == 1:
+                    print(f"  {name}: request failed: {e!r}")
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    tokens = sum(s.output_tokens for s in samples)
+    ttft = [s.ttft_s for s in samples]
+    e2e = [s.e2e_s for s in samples]
+    return LevelResult(
+        server=name,
+        concurrency=concurrency,
+        requests=n_requests,
+        failed=failed,
+        output_tokens=tokens,
+        wall_s=round(wall, 3),
+        output_tok_per_s=round(tokens / wall, 2),
+        ttft_p50_s=round(percentile(ttft, 50), 4),
+        ttft_p99_s=round(percentile(ttft, 99), 4),
+        e2e_p50_s=round(percentile(e2e, 50), 4),
+        e2e_p99_s=round(percentile(e2e, 99), 4),
+    )
+
+
+# --- vLLM's OpenAI-compatible server -------------------------------------------------------
+
+
+def start_vllm(model_dir: Path, port: int, log: Path) -> Proc:
+    # `vllm serve` itself fails under vllm-cpu (ENV-NOTES); this is the same server.
+    cmd = [
+        python(), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", "policy",
+        "--port", str(port), "--host", "127.0.0.1",
+        "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
+        "--disable-uvicorn-access-log",
+    ]  # fmt: skip
+    return Proc(cmd, env=ENGINE_ENV, log=log)
+
+
+def wait_http(url: str, proc: Proc, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"server exited:\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {timeout}s:\n{proc.tail()}")
+
+
+def vllm_client(port: int):
+    import aiohttp
+
+    session: aiohttp.ClientSession | None = None
+    url = f"http://127.0.0.1:{port}/v1/completions"
+
+    async def one(text: str) -> Sample:
+        nonlocal session
+        if session is None:
+            session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600))
+        body = {
+            "model": "policy",
+            "prompt": text,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        t0 = time.perf_counter()
+        ttft = None
+        tokens = 0
+        async with session.post(url, json=body) as resp:
+            resp.raise_for_status()
+            async for raw in resp.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if chunk.get("choices") and chunk["choices"][0].get("text") and ttft is None:
+                    ttft = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+        e2e = time.perf_counter() - t0
+        return Sample(ttft_s=ttft if ttft is not None else e2e, e2e_s=e2e, output_tokens=tokens)
+
+    async def close() -> None:
+        if session is not None:
+            await session.close()
+
+    return one, close
+
+
+# --- instructloop's gRPC server ------------------------------------------------------------
+
+
+def start_instructloop(model_dir: Path, port: int, metrics_port: int, redis_url: str, log: Path):
+    cmd = [
+        python(), "-m", "instructloop", "serve",
+        "--model", str(model_dir), "--grpc-port", str(port), "--metrics-port", str(metrics_port),
+        "--redis-url", redis_url, "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16",
+    ]  # fmt: skip
+    env = {**ENGINE_ENV, "INSTRUCTLOOP_API_KEYS": API_KEY, "INSTRUCTLOOP_ADMIN_KEYS": ""}
+    return Proc(cmd, env=env, log=log)
+
+
+def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if not proc.alive():
+                raise RuntimeError(f"server exited:\n{proc.tail()}")
+            try:
+                r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(1)
+    raise TimeoutError(f"gRPC server not SERVING after {timeout}s:\n{proc.tail()}")
+
+
+def grpc_client(port: int):
+    import grpc
+
+    from instructloop.v1 import completion_pb2, completion_pb2_grpc
+
+    channel: grpc.aio.Channel | None = None
+    meta = (("authorization", f"Bearer {API_KEY}"),)
+
+    async def one(text: str) -> Sample:
+        nonlocal channel
+        if channel is None:
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        stub = completion_pb2_grpc.CompletionServiceStub(channel)
+        req = completion_pb2.CompletionRequest(
+            prompt=text, max_tokens=MAX_TOKENS, temperature=0.0, user_id="bench"
+        )
+        t0 = time.perf_counter()
+        ttft = None
+        tokens = 0
+        async for chunk in stub.StreamComplete(req, metadata=meta, timeout=600):
+            if ttft is None and any(c.text for c in chunk.choices):
+                ttft = time.perf_counter() - t0
+            if chunk.HasField("usage"):
+                tokens = chunk.usage.completion_tokens
+        e2e = time.perf_counter() - t0
+        return Sample(ttft_s=ttft if ttft is not None else e2e, e2e_s=e2e, output_tokens=tokens)
+
+    async def close() -> None:
+        if channel is not None:
+            await channel.close()
+
+    return one, close
+
+
+# --- driver --------------------------------------------------------------------------------
+
+
+async def bench_server(name, client, texts, levels, per_level) -> list[LevelResult]:
+    one, close = client
+    try:
+        await one(texts[0])  # warm-up: first-request costs are not part of the comparison
+        results = []
+        for c, n in zip(levels, per_level, strict=True):
+            r = await _run_level(name, one, texts, c, n)
+            print(
+                f"  {name:12s} c={c:<3d} {r.output_tok_per_s:8.1f} tok/s  "
+                f"TTFT p50 {r.ttft_p50_s:.3f}s p99 {r.ttft_p99_s:.3f}s  "
+                f"E2E p50 {r.e2e_p50_s:.2f}s p99 {r.e2e_p99_s:.2f}s  failed {r.failed}"
+            )
+            results.append(r)
+        return results
+    finally:
+        await close()
+
+
+def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
+    lines = [
+        f"Serving benchmark, {meta['date']}, {meta['cpu']} ({meta['cores']} cores), "
+        f"{meta['model']}, {MAX_TOKENS} output tokens, greedy, streaming.",
+        "",
+        "| server | concurrency | output tok/s | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) "
+        "| E2E p99 (s) | failed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.server} | {r.concurrency} | {r.output_tok_per_s:.1f} | {r.ttft_p50_s:.3f} | "
+            f"{r.ttft_p99_s:.3f} | {r.e2e_p50_s:.2f} | {r.e2e_p99_s:.2f} | {r.failed} |"
+        )
+    lines.append("")
+    lines.append(
+        "Target: instructloop throughput >= vLLM's server at every concurrency, TTFT p50 <= 1.1x."
+    )
+    by = {(r.server, r.concurrency): r for r in results}
+    for c in sorted({r.concurrency for r in results}):
+        a, b = by.get(("instructloop", c)), by.get(("vllm-openai", c))
+        if a and b and b.output_tok_per_s and b.ttft_p50_s:
+            lines.append(
+                f"- c={c}: throughput ratio {a.output_tok_per_s / b.output_tok_per_s:.2f}x, "
+                f"TTFT p50 ratio {a.ttft_p50_s / b.ttft_p50_s:.2f}x"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from instructloop.paths import default_model_dir
+    from instructloop.redis_server import RedisProcess, free_port
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests-per-level", type=int, nargs="+", default=[8, 32, 96])
+    ap.add_argument("--servers", nargs="+", default=["vllm-openai", "instructloop"])
+    args = ap.parse_args()
+    model_dir = args.model or default_model_dir()
+    texts = prompts(model_dir, 64)
+    logs = RESULTS_DIR / "logs"
+    results: list[LevelResult] = []
+
+    for name in args.servers:
+        print(f"{name}: starting")
+        if name == "vllm-openai":
+            port = free_port()
+            proc = start_vllm(model_dir, port, logs / "serving-vllm.log")
+            try:
+                wait_http(f"http://127.0.0.1:{port}/health", proc)
+                results += asyncio.run(
+                    bench_server(
+                        name, vllm_client(port), texts, args.concurrency, args.requests_per_level
+                    )
+                )
+            finally:
+                proc.stop()
+        else:
+            redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "serving-redis").start()
+            port = free_port()
+            proc = start_instructloop(
+                model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
+            )
+            try:
+                wait_grpc(port, proc)
+                results += asyncio.run(
+                    bench_server(
+                        name, grpc_client(port), texts, args.concurrency, args.requests_per_level
+                    )
+                )
+            finally:
+                proc.stop()
+                redis.stop()
+
+    meta = {**machine(), "model": model_dir.name, "max_tokens": MAX_TOKENS}
+    md = markdown(results, meta)
+    out = write_results("serving", {"meta": meta, "results": [asdict(r) for r in results]}, md)
+    print(md)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
