@@ -1,0 +1,160 @@
+"""Feedback benchmark: SubmitRanking RPCs per second at concurrency 64, with durable writes.
+
+The server is `instructloop serve` (its vLLM engine running, as in production) on a private
+redis-server with AOF and `appendfsync always`: an RPC is answered only after Redis wrote and
+fsynced the record. The rankings refer to real completions (n=4) produced by the server first.
+Every ranking is distinct (its own idempotency key), so each one is a real write.
+
+    python -m benchmarks.feedback [--concurrency 64] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS_DIR, machine, percentile, write_results
+from benchmarks.serving import API_KEY, start_instructloop, wait_grpc
+
+TARGET_RPS = 2000
+TARGET_P99_S = 0.050
+
+
+async def make_completions(port: int, count: int) -> list[tuple[str, list[str]]]:
+    import grpc
+
+    from instructloop.v1 import completion_pb2, completion_pb2_grpc
+
+    meta = (("authorization", f"Bearer {API_KEY}"),)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = completion_pb2_grpc.CompletionServiceStub(ch)
+
+        async def one(i: int) -> tuple[str, list[str]]:
+            req = completion_pb2.CompletionRequest(
+                messages=[completion_pb2.ChatMessage(role="user", content=f"Name a colour ({i}).")],
+                n=4,
+                max_tokens=8,
+                user_id="bench-setup",
+            )
+            r = await stub.Complete(req, metadata=meta, timeout=300)
+            return r.completion_id, [c.response_id for c in r.choices]
+
+        return list(await asyncio.gather(*(one(i) for i in range(count))))
+
+
+async def load(port: int, completions, concurrency: int, seconds: float, users: int):
+    import grpc
+
+    from instructloop.v1 import feedback_pb2, feedback_pb2_grpc
+
+    meta = (("authorization", f"Bearer {API_KEY}"),)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    rng = random.Random(0)
+    stop_at = time.perf_counter() + seconds
+    # A few channels: one HTTP/2 connection per channel, as several app instances would have.
+    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(4)]
+    stubs = [feedback_pb2_grpc.FeedbackServiceStub(c) for c in channels]
+
+    async def worker(w: int) -> None:
+        stub = stubs[w % len(stubs)]
+        i = 0
+        while time.perf_counter() < stop_at:
+            cid, rids = completions[rng.randrange(len(completions))]
+            order = rids[:]
+            rng.shuffle(order)
+            req = feedback_pb2.SubmitRankingRequest(
+                user_id=f"user-{rng.randrange(users)}",
+                idempotency_key=f"w{w}-{i}",
+                completion_id=cid,
+                ranked_response_ids=order,
+            )
+            i += 1
+            t0 = time.perf_counter()
+            try:
+                await stub.SubmitRanking(req, metadata=meta, timeout=10)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.RpcError as e:
+                key = e.code().name
+                errors[key] = errors.get(key, 0) + 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    wall = time.perf_counter() - t0
+    for c in channels:
+        await c.close()
+    return latencies, errors, wall
+
+
+def main() -> None:
+    import redis as redis_lib
+
+    from instructloop.paths import default_model_dir
+    from instructloop.redis_server import RedisProcess, free_port
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--completions", type=int, default=32)
+    ap.add_argument("--users", type=int, default=10_000)
+    args = ap.parse_args()
+    model_dir = args.model or default_model_dir()
+
+    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "feedback-redis").start()
+    port = free_port()
+    proc = start_instructloop(
+        model_dir, port, free_port(), redis.url, RESULTS_DIR / "logs" / "feedback-server.log"
+    )
+    try:
+        wait_grpc(port, proc)
+        completions = asyncio.run(make_completions(port, args.completions))
+        client = redis_lib.Redis.from_url(redis.url)
+        fsync = client.config_get("appendfsync")["appendfsync"]
+        keys_before = client.dbsize()
+        lat, errors, wall = asyncio.run(
+            load(port, completions, args.concurrency, args.seconds, args.users)
+        )
+        keys_after = client.dbsize()
+        client.close()
+    finally:
+        proc.stop()
+        redis.stop()
+
+    ok = len(lat)
+    rps = ok / wall
+    p50, p99 = percentile(lat, 50), percentile(lat, 99)
+    meta = {**machine(), "model": model_dir.name, "appendfsync": fsync}
+    payload = {
+        "meta": meta,
+        "concurrency": args.concurrency,
+        "seconds": round(wall, 2),
+        "acknowledged": ok,
+        "errors": errors,
+        "rps": round(rps, 1),
+        "p50_s": round(p50, 5),
+        "p99_s": round(p99, 5),
+        "redis_keys_added": keys_after - keys_before,
+        "target": {"rps": TARGET_RPS, "p99_s": TARGET_P99_S},
+        "met": rps >= TARGET_RPS and p99 < TARGET_P99_S,
+    }
+    md = (
+        f"Feedback benchmark, {meta['date']}, {meta['cpu']} ({meta['cores']} cores): "
+        f"SubmitRanking (K=4) over gRPC at concurrency {args.concurrency}, Redis "
+        f"appendfsync={fsync}, server and load generator on the same machine.\n\n"
+        "| acknowledged | errors | RPC/s | p50 (ms) | p99 (ms) | target |\n"
+        "|---:|---|---:|---:|---:|---|\n"
+        f"| {ok} | {errors or 'none'} | {rps:.0f} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | "
+        f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "
+        f"{'met' if payload['met'] else 'missed'} |\n"
+    )
+    out = write_results("feedback", payload, md)
+    print(md)
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
