@@ -1,0 +1,672 @@
+"""The async feedback store: completion log and feedback records in Redis (`redis.asyncio`).
+
+Every write is ONE Lua script, sent as EVALSHA (one round trip), so Redis runs it atomically:
+a record is either wholly there (with its indexes, its stream entry and its counters) or not at
+all. A write returns only after Redis has answered; with `appendonly yes` and
+`appendfsync always` (as `instructloop up` runs it) that answer comes after the fsync.
+Writes issued at the same moment by concurrent callers share one pipeline (one socket write and
+read, one fsync): each is still its own script, this only saves system calls.
+
+Order of checks in a feedback write (the first failing one answers, nothing is stored):
+1. the shape of the request (in Python): InvalidFeedback;
+2. idempotency (in the script): the same (user_id, idempotency_key) with the same judgement
+   returns the first ack with duplicate=True; with another judgement, IdempotencyConflict.
+   A replay is answered even when the user is over the rate limit;
+3. the referenced ids (in the script): unknown or expired -> NotFound; ids of different
+   completions -> InvalidFeedback;
+4. the rate limit (in the script): RateLimited. Only stored feedback counts towards it;
+5. the write: record, idempotency entry, feedback stream entry, counters, rate counter.
+
+Retries: a connection error is retried (config.retries) with the SAME feedback id, and the
+script recognises its own earlier write by that id, so a retried write is never stored twice and
+is acknowledged as new (duplicate=False). Connection errors that outlast the retries, timeouts
+and other Redis failures raise StoreUnavailable: the caller was not acknowledged. Broken pooled
+connections are dropped and reopened by redis-py on the next use, so the store works again as
+soon as Redis is back.
+
+Key layout: feedback/keys.py. The scripts use keys they derive from stored ids (response ->
+completion), so the store needs a single Redis (not Redis Cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from feedback.config import StoreConfig
+from feedback.errors import (
+    IdempotencyConflict,
+    InvalidFeedback,
+    InvalidRecord,
+    NotFound,
+    RateLimited,
+    StoreUnavailable,
+)
+from feedback.keys import Keys
+from feedback.records import RATING_SCALES, CompletionRecord, FeedbackRecord
+
+# KEYS: 1 completion hash, 2 completion stream, 3 stats, 4.. response index keys
+# ARGV: 1 completion id, 2 record JSON, 3 ttl (0 = none), 4 stream maxlen (0 = none),
+#       5.. response ids (same order as KEYS 4..)
+LOG_COMPLETION_LUA = """
+redis.replicate_commands()
+local existing = redis.call('HGET', KEYS[1], 'record')
+if existing then
+  if existing == ARGV[2] then return {'DUP'} end
+  return {'CONFLICT'}
+end
+local n = #KEYS - 3
+for i = 1, n do
+  local other = redis.call('GET', KEYS[3 + i])
+  if other then return {'RESP_TAKEN', ARGV[4 + i], other} end
+end
+local fields = {'record', ARGV[2]}
+for i = 1, n do
+  fields[#fields + 1] = 'r:' .. ARGV[4 + i]
+  fields[#fields + 1] = tostring(i - 1)
+end
+redis.call('HSET', KEYS[1], unpack(fields))
+local ttl = tonumber(ARGV[3])
+for i = 1, n do
+  if ttl > 0 then
+    redis.call('SET', KEYS[3 + i], ARGV[1], 'EX', ttl)
+  else
+    redis.call('SET', KEYS[3 + i], ARGV[1])
+  end
+end
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+local maxlen = tonumber(ARGV[4])
+if maxlen > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'completion_id', ARGV[1])
+else
+  redis.call('XADD', KEYS[2], '*', 'completion_id', ARGV[1])
+end
+redis.call('HINCRBY', KEYS[3], 'completions', 1)
+return {'OK'}
+"""
+
+# KEYS: 1 feedback hash, 2 idempotency hash (= KEYS[1] when no key), 3 rate counter,
+#       4 feedback stream, 5 stats, 6.. referenced keys (ranking: completion hash;
+#       comparison: chosen's and rejected's response index keys; rating: the response's)
+# ARGV: 1 settings "<rate limit> <window s> <ttl s> <stream maxlen> <response key prefix>"
+#       (0 = off), 2 JSON [kind, feedback id, user id, idempotency key or "", created_at],
+#       3 data JSON (the kind-specific fields, stored verbatim)
+# Few, packed arguments: packing each argument is most of the client's cost per write.
+SUBMIT_FEEDBACK_LUA = """
+redis.replicate_commands()
+local limit, window, ttl, maxlen, rprefix =
+  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (.*)$')
+limit, window, ttl, maxlen = tonumber(limit), tonumber(window), tonumber(ttl), tonumber(maxlen)
+local meta = cjson.decode(ARGV[2])
+local kind, fid, user, ikey, now = meta[1], meta[2], meta[3], meta[4], meta[5]
+local data = ARGV[3]
+local digest = redis.sha1hex(kind .. '\\n' .. data)
+if ikey ~= '' then
+  local prev = redis.call('HMGET', KEYS[2], 'feedback_id', 'created_at', 'digest',
+                          'completion_id')
+  if prev[1] then
+    if prev[3] == digest then return {'DUP', prev[1], prev[2], prev[4]} end
+    return {'CONFLICT', prev[1]}
+  end
+else
+  -- no key from the caller: only a retry of this very write (same feedback id) can exist
+  local prev = redis.call('HMGET', KEYS[1], 'created_at', 'completion_id')
+  if prev[1] then return {'DUP', fid, prev[1], prev[2]} end
+end
+local d = cjson.decode(data)
+local cid
+if kind == 'ranking' then
+  cid = d.completion_id
+  if redis.call('EXISTS', KEYS[6]) == 0 then
+    return {'NOTFOUND', 'completion ' .. cid .. ' is unknown (never logged, or expired)'}
+  end
+  local ids = d.response_ids
+  local fields = {}
+  for i = 1, #ids do fields[i] = 'r:' .. ids[i] end
+  local idx = redis.call('HMGET', KEYS[6], unpack(fields))
+  for i = 1, #ids do
+    if not idx[i] then
+      local other = redis.call('GET', rprefix .. ids[i])
+      if other then
+        return {'INVALID', 'response ' .. ids[i] .. ' belongs to completion ' .. other ..
+                ', not to ' .. cid .. '; a ranking orders responses of one completion'}
+      end
+      return {'NOTFOUND', 'response ' .. ids[i] .. ' is unknown (never logged, or expired)'}
+    end
+  end
+elseif kind == 'comparison' then
+  local a = redis.call('GET', KEYS[6])
+  if not a then
+    return {'NOTFOUND', 'response ' .. d.chosen_response_id ..
+            ' is unknown (never logged, or expired)'}
+  end
+  local b = redis.call('GET', KEYS[7])
+  if not b then
+    return {'NOTFOUND', 'response ' .. d.rejected_response_id ..
+            ' is unknown (never logged, or expired)'}
+  end
+  if a ~= b then
+    return {'INVALID', 'responses ' .. d.chosen_response_id .. ' (completion ' .. a ..
+            ') and ' .. d.rejected_response_id .. ' (completion ' .. b .. ') belong to ' ..
+            'different completions; a comparison judges two responses of one completion'}
+  end
+  cid = a
+else
+  cid = redis.call('GET', KEYS[6])
+  if not cid then
+    return {'NOTFOUND', 'response ' .. d.response_id .. ' is unknown (never logged, or expired)'}
+  end
+end
+if limit > 0 then
+  local used = tonumber(redis.call('GET', KEYS[3]) or '0')
+  if used >= limit then return {'RATE', tostring(used)} end
+end
+redis.call('HSET', KEYS[1], 'feedback_id', fid, 'kind', kind, 'user_id', user,
+           'idempotency_key', ikey, 'completion_id', cid, 'created_at', now, 'data', data)
+if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
+if ikey ~= '' then
+  redis.call('HSET', KEYS[2], 'feedback_id', fid, 'created_at', now, 'digest', digest,
+             'completion_id', cid)
+  if ttl > 0 then redis.call('EXPIRE', KEYS[2], ttl) end
+end
+if maxlen > 0 then
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', maxlen, '*', 'feedback_id', fid, 'kind', kind,
+             'completion_id', cid)
+else
+  redis.call('XADD', KEYS[4], '*', 'feedback_id', fid, 'kind', kind, 'completion_id', cid)
+end
+redis.call('HINCRBY', KEYS[5], 'feedback:' .. kind, 1)
+if limit > 0 then
+  if redis.call('INCR', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], 2 * window) end
+end
+return {'OK', cid}
+"""
+
+
+def _sha1(script: str) -> str:
+    return hashlib.sha1(script.encode()).hexdigest()
+
+
+_LOG_SHA = _sha1(LOG_COMPLETION_LUA)
+_FEEDBACK_SHA = _sha1(SUBMIT_FEEDBACK_LUA)
+_UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """The acknowledgement of a stored (or replayed) judgement."""
+
+    feedback_id: str
+    duplicate: bool
+    """True when an earlier submission with the same idempotency key is being acknowledged."""
+    created_at: float
+    """When the (first) submission was stored, Unix seconds."""
+    completion_id: str = ""
+
+
+def normalize_ranks(ranks: Sequence[int] | None, n: int) -> list[int]:
+    """Check and complete the ranks of an n-way ranking (best first).
+
+    Empty means a strict order 1..n. Otherwise: one rank per response, starting at 1,
+    non-decreasing, dense (each step is 0 = tie with the previous, or 1). E.g. [1, 1, 2].
+    """
+    if not ranks:
+        return list(range(1, n + 1))
+    out = [int(r) for r in ranks]
+    if len(out) != n:
+        raise InvalidFeedback(
+            f"ranks has {len(out)} entries for {n} ranked responses; give one rank per response "
+            "or none for a strict order"
+        )
+    if out[0] != 1:
+        raise InvalidFeedback(f"ranks must start at 1 (the best), got {out}")
+    for prev, cur in itertools.pairwise(out):
+        if cur < prev:
+            raise InvalidFeedback(
+                f"ranks must not decrease (responses are listed best first), got {out}"
+            )
+        if cur > prev + 1:
+            raise InvalidFeedback(
+                f"ranks must be dense (1, 2, 3, ... with equal ranks for ties), got {out}"
+            )
+    return out
+
+
+class _ScriptBatcher:
+    """Sends the script calls that callers issue at the same moment as ONE pipeline.
+
+    Each call is still its own EVALSHA (its own atomic script); batching only shares the
+    socket write, the read and, under `appendfsync always`, Redis's fsync (group commit).
+    A lone call goes out at once, so batching adds no waiting. `writers` pipelines may be in
+    flight together; calls that arrive meanwhile form the next batch.
+    """
+
+    def __init__(self, client: aioredis.Redis, *, max_batch: int, writers: int) -> None:
+        self.client = client
+        self.max_batch = max_batch
+        self.writers = writers
+        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def call(self, sha: str, script: str, *args: Any) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        if self._wake is None or not self._tasks or self._tasks[0].get_loop() is not loop:
+            self._start(loop)
+        assert self._wake is not None
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._pending.append(((sha, script, *args), fut))
+        self._wake.set()
+        return fut
+
+    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._wake = asyncio.Event()
+        self._tasks = [loop.create_task(self._writer()) for _ in range(self.writers)]
+
+    async def close(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+                await t
+        for _, fut in self._pending:
+            if not fut.done():
+                fut.set_exception(StoreUnavailable("the feedback store was closed"))
+        self._pending.clear()
+
+    async def _writer(self) -> None:
+        assert self._wake is not None
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._pending[: self.max_batch]
+            del self._pending[: self.max_batch]
+            try:
+                results = await self._execute([cmd for cmd, _ in batch])
+            except asyncio.CancelledError:
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(StoreUnavailable("the feedback store was closed"))
+                raise
+            except Exception as e:  # every caller of the batch gets the failure
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, fut), res in zip(batch, results, strict=True):
+                if fut.done():  # the caller gave up (cancelled); the write may still stand
+                    continue
+                if isinstance(res, Exception):
+                    fut.set_exception(res)
+                else:
+                    fut.set_result(res)
+
+    async def _execute(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        results = await self._pipeline(cmds)
+        # Redis forgets scripts on restart: load them and run the calls that missed again.
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for script in {cmds[i][1] for i in missing}:
+                await self.client.script_load(script)
+            again = await self._pipeline([cmds[i] for i in missing])
+            for i, r in zip(missing, again, strict=True):
+                results[i] = r
+        return results
+
+    async def _pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for sha, _script, *args in cmds:
+            pipe.execute_command("EVALSHA", sha, *args)
+        return await pipe.execute(raise_on_error=False)
+
+
+class FeedbackStore:
+    """Completion log and feedback records in Redis, for the gRPC server (asyncio)."""
+
+    def __init__(self, client: aioredis.Redis, config: StoreConfig | None = None) -> None:
+        """`client` must decode responses (decode_responses=True); prefer `from_url`."""
+        self.client = client
+        self.config = config or StoreConfig()
+        self.keys = Keys(self.config.key_prefix)
+        cfg = self.config
+        # Constant script arguments, formatted once.
+        self._ttl_cmpl = str(cfg.completion_ttl_s or 0)
+        self._maxlen = str(cfg.stream_maxlen or 0)
+        self._fb_settings = (
+            f"{cfg.rate_limit_per_minute} {cfg.rate_limit_window_s} {cfg.feedback_ttl_s or 0} "
+            f"{cfg.stream_maxlen or 0} {self.keys.response_prefix}"
+        )
+        self._fb_log = self.keys.feedback_log
+        self._stats = self.keys.stats
+        self._batcher = _ScriptBatcher(
+            client, max_batch=cfg.write_batch_max, writers=cfg.write_pipelines
+        )
+
+    @classmethod
+    def from_url(cls, url: str, config: StoreConfig | None = None) -> FeedbackStore:
+        config = config or StoreConfig()
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=config.max_connections,
+            timeout=config.socket_timeout_s,
+            decode_responses=True,
+            socket_timeout=config.socket_timeout_s,
+            socket_connect_timeout=config.socket_connect_timeout_s,
+            retry=Retry(
+                ExponentialBackoff(cap=config.retry_backoff_cap_s, base=0.01), config.retries
+            ),
+        )
+        return cls(aioredis.Redis(connection_pool=pool), config)
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        await self.client.aclose(close_connection_pool=True)
+
+    async def ping(self) -> bool:
+        """True when Redis answers; never raises."""
+        try:
+            return bool(await self.client.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def __aenter__(self) -> FeedbackStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, sha: str, script: str, *numkeys_keys_args: Any) -> Any:
+        """Run a script (EVALSHA, batched with concurrent writes); map failures to our errors."""
+        try:
+            return await self._batcher.call(sha, script, *numkeys_keys_args)
+        except _UNAVAILABLE_ERRORS as e:
+            raise StoreUnavailable(f"Redis is unavailable: {e}; nothing was stored") from e
+        except RedisError as e:
+            # e.g. OOM, read-only replica, a busy script: a fault of the store, not of the
+            # request; the caller was not acknowledged.
+            raise StoreUnavailable(f"Redis refused the write: {e}; nothing was stored") from e
+
+    async def _read(self, coro: Any) -> Any:
+        try:
+            return await coro
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(f"Redis is unavailable: {e}") from e
+
+    def _check_id(self, name: str, value: str, *, required: bool = True) -> None:
+        if not isinstance(value, str):
+            raise InvalidFeedback(f"{name} must be a string")
+        if required and not value:
+            raise InvalidFeedback(f"{name} is required")
+        if len(value) > self.config.max_id_chars:
+            raise InvalidFeedback(
+                f"{name} is {len(value)} characters long; at most {self.config.max_id_chars}"
+            )
+
+    async def _submit(
+        self, kind: str, user_id: str, idempotency_key: str | None, data: str, refs: list[str]
+    ) -> Ack:
+        self._check_id("user_id", user_id)
+        ikey = idempotency_key or ""
+        self._check_id("idempotency_key", ikey, required=False)
+        fid = "fb-" + uuid.uuid4().hex
+        now = time.time()
+        keys = self.keys
+        fb_key = keys.feedback(fid)
+        window = self.config.rate_limit_window_s
+        res = await self._run(
+            _FEEDBACK_SHA,
+            SUBMIT_FEEDBACK_LUA,
+            5 + len(refs),
+            fb_key,
+            keys.idempotency(user_id, ikey) if ikey else fb_key,
+            keys.rate(user_id, int(now // window)),
+            self._fb_log,
+            self._stats,
+            *refs,
+            self._fb_settings,
+            json.dumps([kind, fid, user_id, ikey, repr(now)]),
+            data,
+        )
+        status = res[0]
+        if status == "OK":
+            return Ack(fid, False, now, res[1])
+        if status == "DUP":
+            # Our own retried write (same feedback id) is new to the caller, not a duplicate.
+            return Ack(res[1], res[1] != fid, float(res[2]), res[3])
+        if status == "NOTFOUND":
+            raise NotFound(res[1])
+        if status == "INVALID":
+            raise InvalidFeedback(res[1])
+        if status == "CONFLICT":
+            raise IdempotencyConflict(
+                f"idempotency key {ikey!r} of user {user_id!r} was already used for a different "
+                f"judgement (feedback {res[1]}); use a new key for new feedback",
+                feedback_id=res[1],
+            )
+        if status == "RATE":
+            retry_after = window - (now % window)
+            raise RateLimited(
+                f"user {user_id!r} has submitted {res[1]} feedback records in this "
+                f"{window} s window (limit {self.config.rate_limit_per_minute}); "
+                f"retry in {retry_after:.0f} s",
+                retry_after_s=retry_after,
+            )
+        raise StoreUnavailable(f"unexpected answer from the feedback script: {res!r}")
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    async def submit_ranking(
+        self,
+        *,
+        user_id: str,
+        idempotency_key: str | None,
+        completion_id: str,
+        ranked_response_ids: Sequence[str],
+        ranks: Sequence[int] | None = None,
+    ) -> Ack:
+        """Store a K-way ranking of responses of `completion_id`, best first.
+
+        `ranks` (optional): dense ranks per response, equal ranks tie (see normalize_ranks).
+        """
+        self._check_id("completion_id", completion_id)
+        ids = list(ranked_response_ids)
+        n = len(ids)
+        if n < 2:
+            raise InvalidFeedback(f"a ranking needs at least 2 response ids, got {n}")
+        if n > self.config.max_ranking_size:
+            raise InvalidFeedback(
+                f"a ranking holds at most {self.config.max_ranking_size} responses, got {n}"
+            )
+        for rid in ids:
+            self._check_id("ranked_response_ids entry", rid)
+        if len(set(ids)) != n:
+            seen: set[str] = set()
+            for rid in ids:
+                if rid in seen:
+                    raise InvalidFeedback(f"response {rid} appears more than once in the ranking")
+                seen.add(rid)
+        rank_list = normalize_ranks(ranks, n)
+        data = json.dumps(
+            {"completion_id": completion_id, "response_ids": ids, "ranks": rank_list},
+            separators=(",", ":"),
+        )
+        return await self._submit(
+            "ranking",
+            user_id,
+            idempotency_key,
+            data,
+            [self.keys.completion(completion_id)],
+        )
+
+    async def submit_comparison(
+        self,
+        *,
+        user_id: str,
+        idempotency_key: str | None,
+        chosen_response_id: str,
+        rejected_response_id: str,
+        tie: bool = False,
+    ) -> Ack:
+        """Store a pairwise judgement of two responses of one completion (or a tie)."""
+        self._check_id("chosen_response_id", chosen_response_id)
+        self._check_id("rejected_response_id", rejected_response_id)
+        if chosen_response_id == rejected_response_id:
+            raise InvalidFeedback(
+                f"a comparison needs two different responses, got {chosen_response_id} twice"
+            )
+        data = json.dumps(
+            {
+                "chosen_response_id": chosen_response_id,
+                "rejected_response_id": rejected_response_id,
+                "tie": bool(tie),
+            },
+            separators=(",", ":"),
+        )
+        return await self._submit(
+            "comparison",
+            user_id,
+            idempotency_key,
+            data,
+            [self.keys.response(chosen_response_id), self.keys.response(rejected_response_id)],
+        )
+
+    async def submit_rating(
+        self, *, user_id: str, idempotency_key: str | None, response_id: str, scale: str, score: int
+    ) -> Ack:
+        """Store a rating: scale "thumb" with score +1/-1, or "likert7" with score 1..7."""
+        self._check_id("response_id", response_id)
+        if scale not in RATING_SCALES:
+            raise InvalidFeedback(f"unknown rating scale {scale!r}; use 'thumb' or 'likert7'")
+        if isinstance(score, bool) or not isinstance(score, int):
+            raise InvalidFeedback(f"score must be an integer, got {score!r}")
+        if scale == "thumb" and score not in (1, -1):
+            raise InvalidFeedback(f"a thumb rating is +1 or -1, got {score}")
+        if scale == "likert7" and not 1 <= score <= 7:
+            raise InvalidFeedback(f"a Likert rating is 1 to 7, got {score}")
+        data = json.dumps(
+            {"response_id": response_id, "scale": scale, "score": score}, separators=(",", ":")
+        )
+        return await self._submit(
+            "rating",
+            user_id,
+            idempotency_key,
+            data,
+            [self.keys.response(response_id)],
+        )
+
+    # -- completions --------------------------------------------------------------------------
+
+    def check_metadata(self, metadata: dict[str, str]) -> None:
+        """Raise InvalidRecord when a completion's metadata map is over the limits."""
+        cfg = self.config
+        if len(metadata) > cfg.max_metadata_entries:
+            raise InvalidRecord(
+                f"metadata has {len(metadata)} entries; at most {cfg.max_metadata_entries}"
+            )
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise InvalidRecord("metadata keys and values must be strings")
+            if not k:
+                raise InvalidRecord("metadata keys must not be empty")
+            if len(k) > cfg.max_metadata_key_chars:
+                raise InvalidRecord(
+                    f"metadata key {k[:32]!r}... is {len(k)} characters; "
+                    f"at most {cfg.max_metadata_key_chars}"
+                )
+            if len(v) > cfg.max_metadata_value_chars:
+                raise InvalidRecord(
+                    f"metadata value of {k!r} is {len(v)} characters; "
+                    f"at most {cfg.max_metadata_value_chars}"
+                )
+
+    def check_completion(self, rec: CompletionRecord) -> None:
+        """Raise InvalidRecord when `rec` cannot be stored as it is."""
+        limit = self.config.max_id_chars
+        if not rec.completion_id or len(rec.completion_id) > limit:
+            raise InvalidRecord(f"bad completion_id {rec.completion_id!r}")
+        if not rec.model_version:
+            raise InvalidRecord("a completion record needs the model_version that produced it")
+        if len(rec.user_id) > limit:
+            raise InvalidRecord(f"user_id is {len(rec.user_id)} characters; at most {limit}")
+        if (rec.prompt is None) == (rec.messages is None):
+            raise InvalidRecord("a completion record holds exactly one of prompt and messages")
+        if not rec.responses:
+            raise InvalidRecord("a completion record needs at least one response")
+        ids = [r.response_id for r in rec.responses]
+        if len(set(ids)) != len(ids):
+            raise InvalidRecord("response ids within a completion must be unique")
+        for rid in ids:
+            if not rid or len(rid) > limit:
+                raise InvalidRecord(f"bad response_id {rid!r}")
+        self.check_metadata(rec.metadata)
+
+    async def log_completion(self, rec: CompletionRecord) -> None:
+        """Store a completion record with its response index and log entry, atomically.
+
+        Logging the same record again (a retry) is a no-op; another record under a taken
+        completion or response id raises InvalidRecord.
+        """
+        self.check_completion(rec)
+        keys = self.keys
+        ids = [r.response_id for r in rec.responses]
+        res = await self._run(
+            _LOG_SHA,
+            LOG_COMPLETION_LUA,
+            3 + len(ids),
+            keys.completion(rec.completion_id),
+            keys.completion_log,
+            self._stats,
+            *(keys.response(r) for r in ids),
+            rec.completion_id,
+            rec.to_json(),
+            self._ttl_cmpl,
+            self._maxlen,
+            *ids,
+        )
+        status = res[0]
+        if status in ("OK", "DUP"):
+            return
+        if status == "CONFLICT":
+            raise InvalidRecord(
+                f"completion {rec.completion_id} is already logged with different content"
+            )
+        if status == "RESP_TAKEN":
+            raise InvalidRecord(f"response id {res[1]} already belongs to completion {res[2]}")
+        raise StoreUnavailable(f"unexpected answer from the completion script: {res!r}")
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get_completion(self, completion_id: str) -> CompletionRecord | None:
+        raw = await self._read(self.client.hget(self.keys.completion(completion_id), "record"))
+        return None if raw is None else CompletionRecord.from_json(raw)
+
+    async def completion_of_response(self, response_id: str) -> str | None:
+        return await self._read(self.client.get(self.keys.response(response_id)))
+
+    async def get_feedback(self, feedback_id: str) -> FeedbackRecord | None:
+        h = await self._read(self.client.hgetall(self.keys.feedback(feedback_id)))
+        return FeedbackRecord.from_redis_hash(h) if h else None
+
+    async def counters(self) -> dict[str, int]:
+        """Counters: `completions` and `feedback:<kind>` (each record counted once)."""
+        h = await self._read(self.client.hgetall(self._stats))
+        return {k: int(v) for k, v in h.items()}
