@@ -56,7 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "ids included) into DIR. The snapshot holds everything logged up to the moment it "
         "starts; DIR appears complete or not at all.",
     )
-    ex.add_argument("--out", type=Path, required=True, help="target directory (new or empty)")
+    ex.add_argument(
+        "--out", type=Path, required=True, metavar="DIR", help="target directory (new or empty)"
+    )
     ex.add_argument(
         "--redis-url",
         default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
