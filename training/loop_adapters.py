@@ -1,0 +1,240 @@
+"""The one place where the cycle (training/cycle.py) calls the other components.
+
+Feedback export, the model registry, the training stages and the evaluation are written by
+their own modules; the cycle reaches them only through these functions, which take and return
+plain JSON values (the heavy ones run in a subprocess, `python -m training.cycle run-step`).
+If one of those APIs changes, this file is the one to fix.
+
+Returned figures use fixed names the gate and the metrics rely on:
+- reward model: "accuracy" (held-out pairwise accuracy), plus whatever the stage reports;
+- PPO: "reward" (mean score of the last rollouts), "kl" (mean KL to the reference);
+- evaluation: "win_rate_rm", "win_rate_judge", "ptx_loss_candidate", "ptx_loss_serving",
+  "constraint_accuracy_candidate", "constraint_accuracy_serving".
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+
+def _registry(redis_url: str, prefix: str) -> Any:
+    from instructloop.registry import ModelRegistry
+
+    return ModelRegistry(redis_url, prefix=prefix)
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def live_model(redis_url: str, prefix: str) -> dict[str, str] | None:
+    """{"version", "path"} of the live version, or None."""
+    reg = _registry(redis_url, prefix)
+    try:
+        mv = reg.live()
+        return {"version": mv.version, "path": mv.path} if mv else None
+    finally:
+        reg.close()
+
+
+def register_candidate(
+    redis_url: str,
+    prefix: str,
+    *,
+    path: str,
+    parent: str,
+    data_snapshot: str,
+    metrics: dict[str, float],
+    gate: str,
+) -> str:
+    """Register a PPO candidate with its lineage; its version. Registering the same directory
+    again (a step redone after a crash) returns the version it already has."""
+    reg = _registry(redis_url, prefix)
+    try:
+        clean = {k: v for k, v in metrics.items() if math.isfinite(v)}
+        mv = reg.register(
+            path,
+            source="ppo",
+            parent=parent,
+            data_snapshot=data_snapshot,
+            metrics=clean,
+            gate=gate,
+        )
+        return str(mv.version)
+    finally:
+        reg.close()
+
+
+def promote(redis_url: str, prefix: str, version: str) -> None:
+    """Make `version` live; the registry announces it to the servers."""
+    reg = _registry(redis_url, prefix)
+    try:
+        reg.promote(version)
+    finally:
+        reg.close()
+
+
+def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "register") -> str:
+    """`instructloop model register PATH`: add an existing checkpoint directory; its version.
+    Lineage (parent, data snapshot, metrics) comes from the checkpoint's manifest.json when it
+    has one."""
+    from training.checkpoint import CheckpointError, read_checkpoint
+
+    parent = data_snapshot = None
+    metrics: dict[str, float] = {}
+    try:
+        info = read_checkpoint(path)
+        data_snapshot = info.manifest.get("data_snapshot")
+        parent = info.manifest.get("parent_version")
+        metrics = {
+            k: float(v)
+            for k, v in info.metrics.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+        }
+    except CheckpointError:
+        pass  # a plain HF directory: no lineage to read
+    reg = _registry(redis_url, prefix)
+    try:
+        if parent is not None:
+            from instructloop.registry import UnknownVersion
+
+            try:
+                reg.get(parent)
+            except UnknownVersion:
+                parent = None  # trained from a version this registry does not know
+        mv = reg.register(
+            path, source=source, parent=parent, data_snapshot=data_snapshot, metrics=metrics
+        )
+        return str(mv.version)
+    finally:
+        reg.close()
+
+
+# --- feedback -----------------------------------------------------------------------------------
+
+
+def export_snapshot(redis_url: str, prefix: str, out_dir: str | Path) -> dict[str, Any]:
+    """A consistent export of all feedback so far (feedback/export.py)."""
+    from feedback.config import StoreConfig
+    from feedback.export import export_snapshot as _export
+
+    m = _export(redis_url, Path(out_dir), config=StoreConfig(key_prefix=prefix))
+    return {
+        "snapshot_id": m.snapshot_id,
+        "feedback_ids": list(m.feedback_ids),
+        "counts": dict(m.counts),
+        "files": dict(m.files),
+    }
+
+
+# --- heavy steps (run in the step subprocess) ---------------------------------------------------
+
+
+def _stage_config(cls: type, overrides: dict[str, Any], fixed: dict[str, Any]) -> Any:
+    from training.config import config_from_dict
+
+    clash = sorted(set(overrides) & set(fixed))
+    if clash:
+        raise ValueError(f"the cycle sets {', '.join(clash)} itself; remove them from the config")
+    return config_from_dict(cls, {**overrides, **fixed})
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+
+
+def train_reward_model(
+    *,
+    snapshot_dir: str,
+    out_dir: str,
+    init_from: str,
+    parent_version: str,
+    snapshot_id: str,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    from training.config import RewardModelConfig
+    from training.reward_model import run_reward_model
+
+    cfg = _stage_config(
+        RewardModelConfig,
+        overrides,
+        {
+            "model_path": init_from,
+            "train_path": str(Path(snapshot_dir) / "rankings.jsonl"),
+            "output_dir": out_dir,
+            "overwrite": True,  # a redone step replaces its interrupted attempt
+            "parent_version": parent_version,
+            "data_snapshot": snapshot_id,
+            "progress": False,
+        },
+    )
+    info = run_reward_model(cfg)
+    metrics = _numbers(info.metrics)
+    if "val_accuracy" in metrics:
+        metrics["accuracy"] = metrics["val_accuracy"]
+    return {"path": str(info.path), "metrics": metrics}
+
+
+def train_ppo(
+    *,
+    policy: str,
+    reward_model: str,
+    snapshot_dir: str,
+    out_dir: str,
+    parent_version: str,
+    snapshot_id: str,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    from training.config import PPOConfig
+    from training.ppo import run_ppo
+
+    snap = Path(snapshot_dir)
+    fixed: dict[str, Any] = {
+        "policy_path": policy,
+        "reference_path": policy,  # the KL anchor is the policy serving now
+        "reward_model_path": reward_model,
+        "prompts_path": str(snap / "prompts.jsonl"),
+        "output_dir": out_dir,
+        "overwrite": True,
+        "parent_version": parent_version,
+        "data_snapshot": snapshot_id,
+        "progress": False,
+    }
+    if "ptx_path" not in overrides:
+        fixed["ptx_path"] = str(snap / "ptx.jsonl")
+    cfg = _stage_config(PPOConfig, overrides, fixed)
+    info = run_ppo(cfg)
+    metrics = _numbers(info.metrics)
+    for name, candidates in (("reward", ("reward", "reward_mean", "score")), ("kl", ("kl",))):
+        for c in candidates:
+            if c in metrics:
+                metrics.setdefault(name, metrics[c])
+                break
+    return {"path": str(info.path), "metrics": metrics}
+
+
+def evaluate(
+    *,
+    candidate: str,
+    serving: str,
+    reward_model: str,
+    snapshot_dir: str,
+    out_dir: str,
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    from training.evaluate import evaluate_candidate
+
+    res = evaluate_candidate(
+        candidate=candidate,
+        baseline=serving,
+        reward_model=reward_model,
+        snapshot_dir=snapshot_dir,
+        out_dir=out_dir,
+        **overrides,
+    )
+    return {"metrics": _numbers(dict(res))}

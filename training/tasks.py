@@ -1,0 +1,130 @@
+"""Celery tasks of the training loop: one task per cycle step, and the beat's tick.
+
+The tasks are thin: the work, its idempotence, fencing and cancellation live in
+training/cycle.py (`run_step`). A cycle is the chain
+`snapshot | reward_model | ppo | evaluate | gate | promote`, each task called with
+(cycle_id, token); a step's inputs are the earlier steps' outputs in the cycle record, not
+Celery results, so a step redelivered after a crash needs nothing from the broker but its id.
+
+A step that ends the cycle (cancelled, fenced out, or another execution owns it) raises Ignore:
+the chain stops there without a failure. A failed step raises, so Celery records FAILURE and
+stops the chain; the cycle record already holds the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import signals
+from celery.exceptions import Ignore
+
+from training.celery_app import TICK_TASK, app, loop_config
+from training.cycle import (
+    STEPS,
+    CycleBusy,
+    CycleConfig,
+    CycleStore,
+    due_trigger,
+    on_task_revoked,
+    redis_client,
+    run_step,
+    start_cycle,
+)
+
+
+def _run(step: str, cycle_id: str, token: int) -> dict[str, Any]:
+    cfg = loop_config()
+    with redis_client(cfg.redis_url) as client:
+        res = run_step(
+            step,
+            cycle_id,
+            token,
+            client=client,
+            redis_url=cfg.redis_url,
+            prefix=cfg.key_prefix,
+            lock_ttl_s=cfg.lock_ttl_s,
+            heartbeat_s=cfg.heartbeat_s,
+            step_time_limit_s=cfg.step_time_limit_s,
+        )
+    if res.status == "stopped":
+        raise Ignore(res.detail)
+    return {"cycle_id": cycle_id, "step": step, "status": res.status}
+
+
+@app.task(name="training.cycle.snapshot")
+def snapshot(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("snapshot", cycle_id, token)
+
+
+@app.task(name="training.cycle.reward_model")
+def reward_model(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("reward_model", cycle_id, token)
+
+
+@app.task(name="training.cycle.ppo")
+def ppo(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("ppo", cycle_id, token)
+
+
+@app.task(name="training.cycle.evaluate")
+def evaluate(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("evaluate", cycle_id, token)
+
+
+@app.task(name="training.cycle.gate")
+def gate(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("gate", cycle_id, token)
+
+
+@app.task(name="training.cycle.promote")
+def promote(cycle_id: str, token: int) -> dict[str, Any]:
+    return _run("promote", cycle_id, token)
+
+
+@app.task(name=TICK_TASK)
+def tick(
+    every_s: float = 3600.0,
+    threshold: int = 0,
+    min_new: int = 1,
+    cycle_config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Beat's periodic check: start a cycle if the schedule or the threshold says so."""
+    from training import loop_metrics
+
+    cfg = loop_config()
+    with redis_client(cfg.redis_url) as client:
+        store = CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s)
+        if store.lock.holder() is not None:
+            return {"result": "busy"}
+        kind = due_trigger(store, every_s=every_s, threshold=threshold, min_new=min_new)
+        if kind is None:
+            return {"result": "not_due"}
+        try:
+            started = start_cycle(
+                app,
+                client,
+                prefix=cfg.key_prefix,
+                queue=cfg.queue,
+                lock_ttl_s=cfg.lock_ttl_s,
+                cfg=CycleConfig.from_dict(cycle_config or {}),
+                trigger=kind,
+            )
+        except CycleBusy:
+            loop_metrics.trigger(kind, "busy")
+            return {"result": "busy"}
+    return {"result": "started", "trigger": kind, "cycle_id": started.cycle_id}
+
+
+@signals.task_revoked.connect
+def _cycle_step_revoked(request: Any = None, **_kw: Any) -> None:
+    """A revoked step task (`cycle cancel`) was dropped: the chain stops, so end the cycle."""
+    name = getattr(request, "task_name", "") or ""
+    step = name.rpartition(".")[2]
+    if not name.startswith("training.cycle.") or step not in STEPS:
+        return
+    args = list(getattr(request, "args", None) or [])
+    if len(args) != 2:
+        return
+    cfg = loop_config()
+    with redis_client(cfg.redis_url) as client:
+        on_task_revoked(CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s), args[0], args[1], step)
