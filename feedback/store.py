@@ -266,7 +266,12 @@ class _ScriptBatcher:
 
     def call(self, sha: str, script: str, *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
-        if self._wake is None or not self._tasks or self._tasks[0].get_loop() is not loop:
+        if (
+            self._wake is None
+            or not self._tasks
+            or self._tasks[0].get_loop() is not loop
+            or all(t.done() for t in self._tasks)
+        ):
             self._start(loop)
         assert self._wake is not None
         fut: asyncio.Future[Any] = loop.create_future()

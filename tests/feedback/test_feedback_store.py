@@ -327,6 +327,22 @@ async def test_same_key_same_payload_counts_once(store: FeedbackStore, redis_cli
     assert redis_client.xlen("il:log:feedback") == 4
 
 
+async def test_unicode_ids_round_trip(store: FeedbackStore) -> None:
+    rec = await logged(store, 2)
+    user, key = "ユーザー😀", "ключ:ü"
+    ack = await store.submit_comparison(
+        user_id=user, idempotency_key=key, chosen_response_id=ids(rec)[0],
+        rejected_response_id=ids(rec)[1],
+    )  # fmt: skip
+    fb = await store.get_feedback(ack.feedback_id)
+    assert fb is not None and (fb.user_id, fb.idempotency_key) == (user, key)
+    again = await store.submit_comparison(
+        user_id=user, idempotency_key=key, chosen_response_id=ids(rec)[0],
+        rejected_response_id=ids(rec)[1],
+    )  # fmt: skip
+    assert again.duplicate and again.feedback_id == ack.feedback_id
+
+
 async def test_without_key_every_submission_is_new(store: FeedbackStore) -> None:
     rec = await logged(store, 2)
     a, b = ids(rec)
