@@ -167,7 +167,10 @@ class BeatLock:
         self._extend = client.register_script(_EXTEND)
 
     def acquire(self) -> bool:
-        return bool(self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+        """Take the lock (True), or keep it if this owner already holds it."""
+        if self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms):
+            return True
+        return self.renew()
 
     def renew(self) -> bool:
         """Extend the lock; False if it was lost (expired and taken, or deleted)."""
