@@ -58,7 +58,7 @@ from typing import Any
 
 import redis
 
-from training.locks import CycleLock, Holder, LockLost
+from training.locks import CycleLock, Holder, Lease, LockLost
 
 STEPS: tuple[str, ...] = ("snapshot", "reward_model", "ppo", "evaluate", "gate", "promote")
 HEAVY_STEPS = frozenset({"reward_model", "ppo", "evaluate"})
@@ -72,6 +72,10 @@ class CycleError(Exception):
 
 class Cancelled(Exception):
     """The cycle was cancelled while the step ran."""
+
+
+class LeaseLost(Exception):
+    """Another execution took this step over (this one was presumed dead): stop quietly."""
 
 
 class CycleBusy(Exception):
@@ -602,22 +606,24 @@ STEP_FUNCS: dict[str, Callable[[StepContext], StepResult]] = {
 
 
 class Heartbeat:
-    """While a step runs: renew the cycle lock and the step lease, and watch the cancel flag."""
+    """While a step runs: renew the cycle lock and the step's lease, and watch the cancel flag."""
 
-    def __init__(self, store: CycleStore, holder: Holder, lease_key: str, period_s: float):
+    def __init__(self, store: CycleStore, holder: Holder, lease: Lease, period_s: float):
         self.store = store
         self.holder = holder
-        self.lease_key = lease_key
+        self.lease = lease
         self.period_s = period_s
         self.cancelled = threading.Event()
         self.lost = threading.Event()
+        self.lease_lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cycle-heartbeat", daemon=True)
 
     def beat(self) -> None:
+        if not self.lease.renew():
+            self.lease_lost.set()
         if not self.store.lock.renew(self.holder):
             self.lost.set()
-        self.store.client.pexpire(self.lease_key, int(self.period_s * 3000))
         if self.store.cancel_requested(self.holder.cycle_id):
             self.cancelled.set()
 
@@ -627,6 +633,8 @@ class Heartbeat:
                 self.beat()
 
     def check(self) -> None:
+        if self.lease_lost.is_set():
+            raise LeaseLost(f"another execution took over {self.lease.key}")
         if self.cancelled.is_set() or self.store.cancel_requested(self.holder.cycle_id):
             raise Cancelled()
         if self.lost.is_set():
@@ -641,12 +649,24 @@ class Heartbeat:
         self._thread.join()
 
 
+_PRCTL: Any = None
+
+
+def _load_prctl() -> None:
+    """Resolve prctl in the parent: the pre-exec hook must not load libraries (the worker has
+    threads; a fork child may only do async-signal-safe work)."""
+    global _PRCTL
+    if _PRCTL is None:
+        with contextlib.suppress(OSError, AttributeError):
+            _PRCTL = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
-    """In the step subprocess: get SIGKILL when the worker process dies (Linux), so a killed
-    worker leaves no orphan training run behind."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    """In the step subprocess, before exec: get SIGTERM when the task's process dies (Linux
+    PR_SET_PDEATHSIG), which `_guard_group` turns into killing its whole process group (vLLM's
+    engine core included). A killed worker leaves no orphan training run behind."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
@@ -662,16 +682,23 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
     cmd = [*(ctx.config.launcher or [sys.executable]), "-m", "training.cycle", "run-step"]
     cmd += [str(in_path), str(out_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    _load_prctl()
     start = time.monotonic()
     with open(log_path, "ab") as log:
+        # Its own process group, so stopping it stops what it started (vLLM's engine core).
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         try:
             while proc.poll() is None:
                 try:
                     ctx.check()
-                except (Cancelled, LockLost):
+                except (Cancelled, LockLost, LeaseLost):
                     _stop(proc)
                     raise
                 if time.monotonic() - start > ctx.step_time_limit_s:
@@ -679,8 +706,7 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
                     raise CycleError(f"{ctx.step} ran past the step time limit")
                 time.sleep(0.5)
         finally:
-            if proc.poll() is None:
-                _stop(proc)
+            _stop(proc)  # also reaps what it left behind in its group
     result = json.loads(out_path.read_text()) if out_path.exists() else None
     if result and "error" in result:
         raise CycleError(result["error"])
@@ -691,16 +717,49 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    """SIGTERM the step's process group, SIGKILL what is left after 10 s."""
+
+    def group_alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (proc.poll() is None or group_alive()):
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _guard_group() -> None:
+    """In the step subprocess: if the task's process goes away (worker killed) or SIGTERM comes
+    (cancel), kill this whole process group, children included."""
+    if os.getpgrp() != os.getpid():
+        return  # not started by run_heavy as a group leader (e.g. a torchrun rank)
+    parent = os.getppid()
+
+    def kill_group(*_a: Any) -> None:
+        os.killpg(0, signal.SIGKILL)
+
+    signal.signal(signal.SIGTERM, kill_group)
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                kill_group()
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _child_main(in_path: str, out_path: str) -> int:
     """The heavy step's subprocess: call the adapter, write {"result"} or {"error"}."""
+    _guard_group()
     from training import loop_adapters
 
     spec = json.loads(Path(in_path).read_text())
@@ -780,18 +839,20 @@ def run_step(
         reason = f"{step}: earlier step(s) {', '.join(missing)} have no output"
         _end(store, rec, "failed", reason, step, error="CycleError")
         raise CycleError(reason)
-    lease_key = store.keys.lease(cycle_id, step)
-    lease_id = uuid.uuid4().hex
-    if not client.set(lease_key, lease_id, nx=True, px=int(heartbeat_s * 3000)):
+    lease = Lease(client, store.keys.lease(cycle_id, step), lease_ttl(heartbeat_s))
+    if not lease.acquire():
         return StepRun("stopped", "another execution holds this step's lease")
 
     cfg = CycleConfig.from_dict(rec.config)
-    step_dir = Path(cfg.work_dir) / cycle_id / step
-    if step_dir.exists():  # partial files of an interrupted execution
-        shutil.rmtree(step_dir)
-    step_dir.mkdir(parents=True)
     state = store.step_state(cycle_id, step)
     attempts = int(state.get("attempts", 0)) + 1
+    # Each execution writes into its own directory; an interrupted one's partial files go.
+    step_root = Path(cfg.work_dir) / cycle_id / step
+    if step_root.exists():
+        for old in step_root.iterdir():
+            shutil.rmtree(old, ignore_errors=True)
+    step_dir = step_root / f"attempt-{attempts}"
+    step_dir.mkdir(parents=True)
     started = time.time()
     store.set_step_state(
         cycle_id, step, {"state": "running", "started_at": started, "attempts": attempts}
@@ -799,7 +860,7 @@ def run_step(
     store.set_fields(cycle_id, state="running", current_step=step)
     t0 = time.monotonic()
     try:
-        with Heartbeat(store, holder, lease_key, heartbeat_s) as hb:
+        with Heartbeat(store, holder, lease, heartbeat_s) as hb:
             ctx = StepContext(
                 cycle_id=cycle_id,
                 step=step,
@@ -836,25 +897,32 @@ def run_step(
                 },
                 **{k: {f: _enc(v) for f, v in m.items()} for k, m in result.writes.items()},
             }
-            if not store.lock.fenced_hset(holder, writes):
+            # Written only while this cycle holds the lock AND this execution holds the step.
+            status = store.lock.fenced_write(holder, writes, require={lease.key: lease.owner})
+            if status == "requirement_failed":
+                raise LeaseLost(f"another execution took over {lease.key}")
+            if status != "ok":
                 raise LockLost(f"cycle {cycle_id} lost the cycle lock before writing {step}")
-    except Cancelled:
-        _step_ended(store, cycle_id, step, "cancelled", started, attempts, t0)
-        _end(store, rec, "cancelled", "cancelled by request", step)
-        return StepRun("stopped", "cancelled")
-    except LockLost as e:
-        _step_ended(store, cycle_id, step, "failed", started, attempts, t0, str(e))
-        _end(store, rec, "failed", f"fenced out: {e}", step, error="LockLost")
-        return StepRun("stopped", str(e))
+    except LeaseLost as e:
+        return StepRun("stopped", str(e))  # the step and the cycle belong to the other one
     except Exception as e:
+        if not _still_owner(lease):
+            return StepRun("stopped", f"{step} was taken over by another execution")
+        if isinstance(e, Cancelled):
+            _step_ended(store, cycle_id, step, "cancelled", started, attempts, t0)
+            _end(store, rec, "cancelled", "cancelled by request", step)
+            return StepRun("stopped", "cancelled")
+        if isinstance(e, LockLost):
+            _step_ended(store, cycle_id, step, "failed", started, attempts, t0, str(e))
+            _end(store, rec, "failed", f"fenced out: {e}", step, error="LockLost")
+            return StepRun("stopped", str(e))
         reason = f"{step}: {e}" if isinstance(e, CycleError) else f"{step}: {type(e).__name__}: {e}"
         _step_ended(store, cycle_id, step, "failed", started, attempts, t0, reason)
         _end(store, rec, "failed", reason, step, error=type(e).__name__)
         raise CycleError(reason) from e
     finally:
         with contextlib.suppress(redis.RedisError):
-            if _s(client.get(lease_key) or b"") == lease_id:
-                client.delete(lease_key)
+            lease.release()
     loop_metrics.step_finished(step, "done", time.monotonic() - t0)
     loop_metrics.training_metrics(step, result.summary)
     if step == "gate":
@@ -862,6 +930,19 @@ def run_step(
     if step == STEPS[-1]:
         _finish(store, rec)
     return StepRun("done")
+
+
+def lease_ttl(heartbeat_s: float) -> float:
+    """A step's lease outlives six missed heartbeats: a busy machine does not lose it, a dead
+    execution is noticed within seconds."""
+    return 6 * heartbeat_s
+
+
+def _still_owner(lease: Lease) -> bool:
+    try:
+        return lease.renew()
+    except redis.RedisError:
+        return True  # cannot tell: record the failure (the cycle ends either way)
 
 
 def _step_ended(
@@ -944,8 +1025,6 @@ def start_cycle(
 ) -> CycleStart:
     """Take the cycle lock and send the cycle's chain of tasks. Raises CycleBusy when another
     cycle holds the lock (the caller decides: `cycle run` refuses, beat skips the tick)."""
-    from celery import chain
-
     from training import loop_metrics
 
     store = CycleStore(client, prefix, lock_ttl_s)
@@ -955,30 +1034,67 @@ def start_cycle(
         loop_metrics.trigger(trigger, "busy")
         raise CycleBusy(store.lock.holder())
     store.create(cycle_id, token, trigger, cfg)
+    try:
+        task_ids = _send_chain(app, store, cycle_id, token, STEPS, queue)
+    except Exception as e:
+        rec = store.get(cycle_id)
+        assert rec is not None
+        reason = f"could not send the cycle's tasks: {e}"
+        _end(store, rec, "failed", reason, "start", type(e).__name__)
+        raise
+    loop_metrics.trigger(trigger, "started")
+    return CycleStart(cycle_id, token, task_ids)
+
+
+def _send_chain(
+    app: Any, store: CycleStore, cycle_id: str, token: int, steps: tuple[str, ...], queue: str
+) -> list[str]:
+    """Send `steps` as a Celery chain; their task ids are added to the record first (for
+    `cycle cancel`)."""
+    from celery import chain
+
     sigs = [
         app.signature(f"training.cycle.{s}", args=(cycle_id, token), immutable=True, queue=queue)
-        for s in STEPS
+        for s in steps
     ]
     flow = chain(*sigs)
     flow.freeze()
     task_ids = [str(s.id) for s in flow.tasks]
-    store.set_fields(cycle_id, task_ids=task_ids)
-    try:
-        flow.apply_async()
-    except Exception as e:
-        rec = store.get(cycle_id)
-        assert rec is not None
-        _end(
-            store,
-            rec,
-            "failed",
-            f"could not send the cycle's tasks: {e}",
-            "start",
-            type(e).__name__,
-        )
-        raise
-    loop_metrics.trigger(trigger, "started")
-    return CycleStart(cycle_id, token, task_ids)
+    rec = store.get(cycle_id)
+    store.set_fields(cycle_id, task_ids=(rec.task_ids if rec else []) + task_ids)
+    flow.apply_async()
+    return task_ids
+
+
+def resume_stalled(app: Any, store: CycleStore, queue: str) -> str | None:
+    """Resume the running cycle if the execution of its current step died (its lease expired
+    with no output written): send the rest of the chain again, from that step on. The worker
+    runs this when it starts and the beat's tick runs it, so a killed worker's cycle goes on
+    within seconds instead of after the broker's visibility timeout. (When that timeout later
+    hands the dead worker's message out again, the step finds its output and is skipped.)
+    Returns the resumed cycle id."""
+    holder = store.lock.holder()
+    if holder is None:
+        return None
+    rec = store.get(holder.cycle_id)
+    if rec is None or rec.state in TERMINAL or rec.token != holder.token or not rec.current_step:
+        return None
+    step = rec.current_step
+    st = rec.steps.get(step, {})
+    if st.get("state") != "running" or store.output(rec.id, step) is not None:
+        return None
+    if store.client.exists(store.keys.lease(rec.id, step)):
+        return None  # its execution is alive
+    # Once per interrupted attempt, however many workers and ticks look at it.
+    claim = f"{store.prefix}loop:resume:{rec.id}:{step}:{st.get('attempts', 0)}"
+    if not store.client.set(claim, time.time(), nx=True, ex=7 * 86400):
+        return None
+    store.set_step_state(rec.id, step, {**st, "state": "interrupted"})
+    _send_chain(app, store, rec.id, rec.token, STEPS[STEPS.index(step) :], queue)
+    from training import loop_metrics
+
+    loop_metrics.trigger("resume", "started")
+    return rec.id
 
 
 def due_trigger(

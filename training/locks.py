@@ -50,17 +50,22 @@ end
 return 0
 """
 
-# KEYS: 1 lock, 2.. hashes. ARGV: 1 "<cycle>:<token>", 2 number of hashes n,
-# then for each hash: field count c, then c field/value pairs.
+# KEYS: 1 lock, 2..1+c keys that must hold given values, then the hashes to write.
+# ARGV: 1 "<cycle>:<token>", 2 c, 3..2+c the required values, then for each hash: field
+# count n, then n field/value pairs. Returns 1 written, 0 lock lost, -1 a requirement failed.
 _FENCED_HSET = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-local i = 3
-for k = 2, #KEYS do
-  local c = tonumber(ARGV[i])
+local c = tonumber(ARGV[2])
+for k = 1, c do
+  if redis.call('GET', KEYS[1 + k]) ~= ARGV[2 + k] then return -1 end
+end
+local i = 3 + c
+for k = 2 + c, #KEYS do
+  local n = tonumber(ARGV[i])
   local fields = {}
-  for j = 1, 2 * c do fields[j] = ARGV[i + j] end
-  if c > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
-  i = i + 2 * c + 1
+  for j = 1, 2 * n do fields[j] = ARGV[i + j] end
+  if n > 0 then redis.call('HSET', KEYS[k], unpack(fields)) end
+  i = i + 2 * n + 1
 end
 return 1
 """
@@ -134,16 +139,28 @@ class CycleLock:
         )
         return int(res) > 0
 
-    def fenced_hset(self, holder: Holder, writes: dict[str, dict[str, Any]]) -> bool:
-        """HSET each `{key: {field: value}}` atomically, only if `holder` still owns the lock."""
-        keys = [self.lock_key]
-        args: list[Any] = [holder.value, len(writes)]
+    def fenced_write(
+        self,
+        holder: Holder,
+        writes: dict[str, dict[str, Any]],
+        require: dict[str, str] | None = None,
+    ) -> str:
+        """HSET each `{key: {field: value}}` atomically, only if `holder` still owns the lock and
+        every `require` key holds its value. "ok", "lock_lost" or "requirement_failed"."""
+        req = require or {}
+        keys = [self.lock_key, *req]
+        args: list[Any] = [holder.value, len(req), *req.values()]
         for key, mapping in writes.items():
             keys.append(key)
             args.append(len(mapping))
             for field, value in mapping.items():
                 args.extend([field, value])
-        return bool(int(self._fenced(keys=keys, args=args)))
+        res = int(self._fenced(keys=keys, args=args))
+        return {1: "ok", 0: "lock_lost"}.get(res, "requirement_failed")
+
+    def fenced_hset(self, holder: Holder, writes: dict[str, dict[str, Any]]) -> bool:
+        """`fenced_write` without requirements: True if written."""
+        return self.fenced_write(holder, writes) == "ok"
 
     def release(self, holder: Holder) -> bool:
         return bool(int(self._release(keys=[self.lock_key], args=[holder.value])))
@@ -191,3 +208,42 @@ class BeatLock:
                 return False
             time.sleep(poll_s)
         return True
+
+
+# KEYS: 1 lease. ARGV: 1 owner, 2 ttl ms. Extend if ours, take if free; 0 if another owns it.
+_LEASE_RENEW = """
+local cur = redis.call('GET', KEYS[1])
+if cur == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
+  return 1
+end
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+  return 1
+end
+return 0
+"""
+
+
+class Lease:
+    """One execution of a cycle step at a time: SET NX with a short TTL, renewed by the
+    execution's heartbeat. An expired lease means its execution died (its worker was killed);
+    a renewal that finds another owner means another execution took the step over, and this one
+    must stop without touching the cycle."""
+
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float) -> None:
+        self.client = client
+        self.key = key
+        self.ttl_ms = int(ttl_s * 1000)
+        self.owner = uuid.uuid4().hex
+        self._renew = client.register_script(_LEASE_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def acquire(self) -> bool:
+        return bool(self.client.set(self.key, self.owner, nx=True, px=self.ttl_ms))
+
+    def renew(self) -> bool:
+        return bool(int(self._renew(keys=[self.key], args=[self.owner, self.ttl_ms])))
+
+    def release(self) -> bool:
+        return bool(int(self._release(keys=[self.key], args=[self.owner])))

@@ -158,7 +158,6 @@ def train_reward_model(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     from training.config import RewardModelConfig
-    from training.reward_model import run_reward_model
 
     cfg = _stage_config(
         RewardModelConfig,
@@ -173,6 +172,8 @@ def train_reward_model(
             "progress": False,
         },
     )
+    from training.reward_model import run_reward_model
+
     info = run_reward_model(cfg)
     metrics = _numbers(info.metrics)
     if "val_accuracy" in metrics:
@@ -191,7 +192,6 @@ def train_ppo(
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
     from training.config import PPOConfig
-    from training.ppo import run_ppo
 
     snap = Path(snapshot_dir)
     fixed: dict[str, Any] = {
@@ -207,7 +207,9 @@ def train_ppo(
     }
     if "ptx_path" not in overrides:
         fixed["ptx_path"] = str(snap / "ptx.jsonl")
-    cfg = _stage_config(PPOConfig, overrides, fixed)
+    cfg = _stage_config(PPOConfig, overrides, fixed)  # a bad override fails before any import
+    from training.ppo import run_ppo
+
     info = run_ppo(cfg)
     metrics = _numbers(info.metrics)
     for name, candidates in (("reward", ("reward", "reward_mean", "score")), ("kl", ("kl",))):

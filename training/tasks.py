@@ -13,6 +13,8 @@ stops the chain; the cycle record already holds the reason.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from celery import signals
@@ -25,8 +27,10 @@ from training.cycle import (
     CycleConfig,
     CycleStore,
     due_trigger,
+    lease_ttl,
     on_task_revoked,
     redis_client,
+    resume_stalled,
     run_step,
     start_cycle,
 )
@@ -88,12 +92,16 @@ def tick(
     min_new: int = 1,
     cycle_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Beat's periodic check: start a cycle if the schedule or the threshold says so."""
+    """Beat's periodic check: resume a cycle whose worker died; else start a cycle if the
+    schedule or the threshold says so."""
     from training import loop_metrics
 
     cfg = loop_config()
     with redis_client(cfg.redis_url) as client:
         store = CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s)
+        resumed = resume_stalled(app, store, cfg.queue)
+        if resumed:
+            return {"result": "resumed", "cycle_id": resumed}
         if store.lock.holder() is not None:
             return {"result": "busy"}
         kind = due_trigger(store, every_s=every_s, threshold=threshold, min_new=min_new)
@@ -128,3 +136,29 @@ def _cycle_step_revoked(request: Any = None, **_kw: Any) -> None:
     cfg = loop_config()
     with redis_client(cfg.redis_url) as client:
         on_task_revoked(CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s), args[0], args[1], step)
+
+
+def _reap_once() -> None:
+    cfg = loop_config()
+    with redis_client(cfg.redis_url) as client:
+        cid = resume_stalled(app, CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s), cfg.queue)
+    if cid:
+        print(f"instructloop worker: resumed cycle {cid} (its step's worker had died)", flush=True)
+
+
+def _reaper() -> None:
+    period = lease_ttl(loop_config().heartbeat_s)
+    while True:
+        try:
+            _reap_once()
+        except Exception as e:  # Redis blip: try again next period
+            print(f"instructloop worker: stalled-cycle check failed: {e}", flush=True)
+        time.sleep(period)
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_kw: Any) -> None:
+    """Every worker watches for a cycle whose step's execution died (lease expired, no output)
+    and resumes it: at start (a restarted worker picks up its own crashed cycle) and then every
+    lease period (another worker picks it up)."""
+    threading.Thread(target=_reaper, name="instructloop-reaper", daemon=True).start()

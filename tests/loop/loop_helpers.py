@@ -39,8 +39,8 @@ LOOP_ENV = {
 
 def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
     """A randomly initialised 2-layer Llama (tied embeddings, as SmolLM2) with the default
-    model's tokenizer and chat template, saved in bf16 like the default model. Head size 32:
-    one vLLM's CPU attention supports."""
+    model's tokenizer and chat template, in float32 (so vLLM and transformers compute alike).
+    Head size 32: one vLLM's CPU attention supports."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -60,7 +60,8 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = LlamaForCausalLM(cfg).to(torch.float32)
+    model.config.dtype = torch.float32
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tok.save_pretrained(out)
