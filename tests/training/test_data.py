@@ -1,0 +1,258 @@
+"""The data generators: constraint prompts, IFEval checkers, the simulated labeller, export rows.
+
+No engine needed: these are pure functions over text. The checkers are lm-eval's; the tests pin
+that the arguments we give them mean what we think (pass and fail on hand-written answers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.data.constraints import (
+    DEFAULT_INSTRUCTIONS,
+    SUBJECTS,
+    ConstraintConfig,
+    ConstraintPrompt,
+    accuracy,
+    follows,
+    generate_prompts,
+    load_prompts,
+    make_prompt,
+    save_prompts,
+    score,
+    split_of,
+    subjects,
+)
+from training.data.demonstrations import pick_demonstration
+from training.data.generation import Completion
+from training.data.simulated_labeler import preference_rows, rank, ranking_row, write_export
+
+# --- the generator -------------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic() -> None:
+    a = generate_prompts(120, "train", seed=3)
+    b = generate_prompts(120, "train", seed=3)
+    c = generate_prompts(120, "train", seed=4)
+    assert [p.to_json() for p in a] == [p.to_json() for p in b]
+    assert [p.id for p in a] != [p.id for p in c]
+    assert len({p.id for p in a}) == 120  # distinct
+
+
+def test_split_is_disjoint_by_subject_and_stable() -> None:
+    train = generate_prompts(300, "train")
+    held = generate_prompts(100, "heldout")
+    assert {p.split for p in train} == {"train"} and {p.split for p in held} == {"heldout"}
+    assert not {p.subject for p in train} & {p.subject for p in held}
+    assert not {p.id for p in train} & {p.id for p in held}
+    assert not {p.prompt for p in train} & {p.prompt for p in held}
+    # Every subject is on exactly one side, roughly heldout_percent of them held out.
+    tr, he = set(subjects("train")), set(subjects("heldout"))
+    assert tr | he == set(SUBJECTS) and not tr & he
+    assert 0.1 <= len(he) / len(SUBJECTS) <= 0.35
+    # The split is a function of the subject (and salt), not of the draw.
+    assert all(split_of(p.subject) == "heldout" for p in held)
+    other = ConstraintConfig(split_salt="another")
+    assert set(subjects("heldout", other)) != he
+
+
+def test_prompts_use_1_to_3_compatible_constraints() -> None:
+    from lm_eval.tasks.ifeval.instructions_registry import INSTRUCTION_CONFLICTS
+
+    ps = generate_prompts(300, "train", seed=1)
+    sizes = {len(p.instruction_ids) for p in ps}
+    assert sizes == {1, 2, 3}
+    for p in ps:
+        assert set(p.instruction_ids) <= set(DEFAULT_INSTRUCTIONS)
+        for i in p.instruction_ids:
+            others = set(p.instruction_ids) - {i}
+            assert not others & set(INSTRUCTION_CONFLICTS[i]), p.instruction_ids
+    used = {i for p in ps for i in p.instruction_ids}
+    assert used == set(DEFAULT_INSTRUCTIONS)
+
+
+def test_bad_config_and_args_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown"):
+        ConstraintConfig(instructions=("no:such_checker",))
+    with pytest.raises(ValueError, match="punkt"):
+        ConstraintConfig(instructions=("length_constraints:number_sentences",))
+    with pytest.raises(ValueError, match="split"):
+        generate_prompts(3, "test")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="responses"):
+        accuracy(generate_prompts(2, "train"), ["only one"])
+
+
+def test_save_and_load_round_trip(tmp_path: Path) -> None:
+    ps = generate_prompts(20, "heldout")
+    path = save_prompts(tmp_path / "p.jsonl", ps)
+    assert load_prompts(path) == ps
+    path.write_text('{"id": "x"}\n')
+    with pytest.raises(ValueError, match=r"p\.jsonl:1"):
+        load_prompts(path)
+
+
+# --- each chosen checker, on hand-written answers -------------------------------------------------
+
+LONG = " ".join(["word"] * 45)
+
+CASES: list[tuple[str, dict, str, str]] = [
+    # (instruction id, kwargs, an answer that follows it, one that does not)
+    ("change_case:english_lowercase", {},
+     "the moon is bright tonight and the sky is clear over the quiet town.",
+     "The Moon is bright tonight and the sky is clear over the quiet town."),
+    ("punctuation:no_comma", {},
+     "Bees make honey and they live in hives.",
+     "Bees make honey, and they live in hives."),
+    ("startend:end_checker", {"end_phrase": "Any other questions?"},
+     "Tea is made from leaves. Any other questions?",
+     "Any other questions? Tea is made from leaves."),
+    ("keywords:existence", {"keywords": ["golden", "river"]},
+     "A golden light fell on the River.",
+     "A golden light fell on the lake."),
+    ("keywords:forbidden_words", {"forbidden_words": ["also", "very"]},
+     "Trains are fast and quiet. Everyone enjoys them.",
+     "Trains are very fast and quiet."),
+    ("length_constraints:number_words", {"num_words": 20, "relation": "less than"},
+     "Snow is cold and white.",
+     LONG),
+    ("length_constraints:number_words", {"num_words": 40, "relation": "at least"},
+     LONG,
+     "Snow is cold and white."),
+    ("detectable_format:title", {},
+     "<<ode to coffee>>\nCoffee wakes me up.",
+     "Ode to coffee\nCoffee wakes me up."),
+    ("detectable_format:number_bullet_lists", {"num_bullets": 3},
+     "Tips:\n* Plan your day.\n* Rest well.\n- Drink water.",
+     "Tips:\n* Plan your day.\n* Rest well."),
+    ("detectable_content:postscript", {"postscript_marker": "P.S."},
+     "Happy birthday!\n\nP.S. See you soon.",
+     "Happy birthday! See you soon."),
+    ("startend:quotation", {},
+     '"Forests are full of life."',
+     "Forests are full of life."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("iid", "kwargs", "good", "bad"), CASES, ids=[c[0] for c in CASES])
+def test_each_checker_passes_and_fails_by_hand(iid: str, kwargs: dict, good: str, bad: str) -> None:
+    p = make_prompt("Write about {s}.", "tea", [iid], [kwargs])
+    assert follows(p, good) == [True]
+    assert follows(p, bad) == [False]
+    assert score(p, good) == (1, 1) and score(p, bad) == (0, 1)
+
+
+def test_every_default_checker_is_covered_by_a_case() -> None:
+    assert {c[0] for c in CASES} == set(DEFAULT_INSTRUCTIONS)
+
+
+def test_descriptions_are_ifeval_text() -> None:
+    p = make_prompt("Describe {s}.", "snow", ["punctuation:no_comma", "detectable_format:title"],
+                    [{}, {}])  # fmt: skip
+    assert p.prompt.startswith("Describe snow. ")
+    assert "refrain from the use of any commas" in p.prompt
+    assert "<<poem of joy>>" in p.prompt
+
+
+def test_empty_response_follows_nothing() -> None:
+    p = make_prompt("Describe {s}.", "snow", ["punctuation:no_comma"], [{}])
+    assert score(p, "   ") == (0, 1)  # IFEval's strict test: an empty answer fails everything
+
+
+def test_accuracy_prompt_and_instruction_level_by_hand() -> None:
+    p1 = make_prompt("Describe {s}.", "snow",
+                     ["punctuation:no_comma", "detectable_format:title"], [{}, {}])  # fmt: skip
+    p2 = make_prompt("Describe {s}.", "tea", ["keywords:existence"], [{"keywords": ["green"]}])
+    responses = ["<<snow>>\nIt is white and cold.", "Tea is brown, hot."]
+    acc = accuracy([p1, p2], responses)
+    # p1 meets 2/2, p2 meets 0/1: prompt level 1/2, instruction level 2/3.
+    assert acc.prompt_level == pytest.approx(1 / 2)
+    assert acc.instruction_level == pytest.approx(2 / 3)
+    assert (acc.n_prompts, acc.n_instructions) == (2, 3)
+    assert acc.per_instruction == {
+        "detectable_format:title": 1.0,
+        "keywords:existence": 0.0,
+        "punctuation:no_comma": 1.0,
+    }
+
+
+# --- the simulated labeller ----------------------------------------------------------------------
+
+
+def _three_constraint_prompt() -> ConstraintPrompt:
+    return make_prompt(
+        "Write a short poem about {s}.",
+        "the moon",
+        ["punctuation:no_comma", "detectable_format:title", "startend:end_checker"],
+        [{}, {}, {"end_phrase": "That is all."}],
+    )
+
+
+def test_labeller_ranks_by_constraints_met_with_ties() -> None:
+    p = _three_constraint_prompt()
+    responses = [
+        "The moon, so bright.",  # 0 met
+        "<<moon>>\nThe moon is bright. That is all.",  # 3 met
+        "<<moon>>\nThe moon, so bright.",  # 1 met (title)
+        "The moon is bright. That is all.",  # 2 met (no comma, end)
+        "The moon is bright tonight.",  # 1 met (no comma)
+    ]
+    r = rank(p, responses)
+    assert r.responses == (responses[1], responses[3], responses[2], responses[4], responses[0])
+    assert r.scores == (3, 2, 1, 1, 0)
+    assert r.ranks == (1, 2, 3, 3, 4)  # the two 1-met answers tie; order within a tie is sampled
+    assert not r.all_tied
+    assert rank(p, ["a, b", "c, d"]).all_tied
+    with pytest.raises(ValueError, match="K >= 2"):
+        rank(p, ["only one"])
+
+
+def test_export_rows_follow_the_interface(tmp_path: Path) -> None:
+    p = _three_constraint_prompt()
+    r = rank(p, ["<<m>>, x", "<<moon>>\nThe moon is bright. That is all.",
+                 "<<a>> b, c", "<<x>>, y"])  # fmt: skip
+    text = "<|im_start|>user\n" + p.prompt + "<|im_end|>\n<|im_start|>assistant\n"
+    row = ranking_row(r, text, model_version="v0")
+    assert set(row) >= {"feedback_id", "completion_id", "model_version", "user_id", "prompt",
+                        "prompt_text", "response_ids", "responses", "ranks"}  # fmt: skip
+    assert row["feedback_id"].startswith("fb-") and len(row["feedback_id"]) == 35
+    assert row["completion_id"].startswith("cmpl-") and len(row["completion_id"]) == 37
+    assert all(i.startswith("resp-") and len(i) == 37 for i in row["response_ids"])
+    assert len(set(row["response_ids"])) == 4
+    assert row["prompt_text"] == text and row["prompt"] == p.prompt
+    assert row["responses"][0] == "<<moon>>\nThe moon is bright. That is all."
+    assert row["ranks"] == [1, 2, 2, 2]
+    assert ranking_row(r, text, "v0") == row  # content-derived ids: a rerun gives the same row
+    # Preferences: pairs with the first (3 strict), the 3 tied pairs among the rest left out.
+    pairs, ties = preference_rows(row)
+    assert ties == 3 and len(pairs) == 3
+    assert all(q["chosen"] == row["responses"][0] for q in pairs)
+    assert {q["rejected"] for q in pairs} == set(row["responses"][1:])
+
+    all_tied = rank(p, ["a, b", "c, d"])
+    s = write_export(tmp_path / "exp", [(r, text), (all_tied, text)], model_version="v0",
+                     sft_rows=[{"prompt": p.prompt, "prompt_text": text, "completion": "x"}],
+                     ptx_rows=[{"text": "hello"}])  # fmt: skip
+    assert s.all_tied_dropped == 1 and s.tied_pairs_omitted == 3
+    lines = (tmp_path / "exp" / "rankings.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [row]
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["feedback_ids"] == [row["feedback_id"]]
+    assert manifest["counts"] == {"rankings.jsonl": 1, "preferences.jsonl": 3, "sft.jsonl": 1,
+                                  "ptx.jsonl": 1, "prompts.jsonl": 0}  # fmt: skip
+
+
+def test_demonstration_is_shortest_passing_finished_sample() -> None:
+    p = _three_constraint_prompt()
+    good_long = "<<moon>>\nThe moon is bright and round and high. That is all."
+    good_short = "<<moon>>\nBright moon. That is all."
+    cs = [
+        Completion("t", "The moon, so bright.", True, 6),
+        Completion("t", good_long, True, 16),
+        Completion("t", good_short, False, 9),  # cut at max_tokens: not a demonstration
+    ]
+    assert pick_demonstration(p, cs).text == good_long  # type: ignore[union-attr]
+    assert pick_demonstration(p, cs, require_eos=False).text == good_short  # type: ignore[union-attr]
+    assert pick_demonstration(p, cs[:1]) is None
