@@ -253,3 +253,34 @@ def test_not_enough_feedback_fails_with_reason(
     assert "min_feedback is 2" in rec.reason
     assert store.lock.holder() is None
     assert all(store.output("cyc-e", s) is None for s in STEPS)
+
+
+def test_resume_stalled_resends_the_rest_of_the_chain_once(
+    redis_client: Any, redis_url: str, tmp_path: Path
+) -> None:
+    from training.celery_app import LoopConfig, create_app
+    from training.cycle import resume_stalled
+
+    app = create_app(LoopConfig(redis_url=redis_url))
+    store = CycleStore(redis_client, "il:", 60)
+    token = store.lock.acquire("cyc-k")
+    assert token is not None
+    store.create("cyc-k", token, "manual", CycleConfig(work_dir=str(tmp_path)))
+    store.set_fields("cyc-k", state="running", current_step="ppo", task_ids=["t1"])
+    store.set_step_state("cyc-k", "ppo", {"state": "running", "attempts": 1})
+    lease = store.keys.lease("cyc-k", "ppo")
+    redis_client.set(lease, "someone", px=60_000)
+    assert resume_stalled(app, store, "training") is None  # its execution is alive
+    redis_client.delete(lease)  # ... until its lease expires: the execution died
+    assert resume_stalled(app, store, "training") == "cyc-k"
+    assert resume_stalled(app, store, "training") is None  # once per interrupted attempt
+    rec = store.get("cyc-k")
+    assert rec is not None and rec.steps["ppo"]["state"] == "interrupted"
+    assert len(rec.task_ids) == 1 + 4  # ppo, evaluate, gate, promote sent again
+    queued = [json.loads(m) for m in redis_client.lrange("training", 0, -1)]
+    assert [m["headers"]["task"] for m in queued] == ["training.cycle.ppo"]
+    assert queued[0]["headers"]["id"] == rec.task_ids[1]
+    # a cycle waiting between steps (no step running) is left alone
+    store.set_step_state("cyc-k", "ppo", {"state": "done", "attempts": 2})
+    store.set_fields("cyc-k", current_step="evaluate")
+    assert resume_stalled(app, store, "training") is None
