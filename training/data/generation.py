@@ -21,7 +21,7 @@ Messages = list[dict[str, str]]
 class SamplerConfig:
     """vLLM engine settings for offline sampling on this project's machines."""
 
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # the checkpoint's own dtype
     max_model_len: int = 2048
     # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = 1
