@@ -400,7 +400,8 @@ async def reload_weights(
         raise WeightSyncError(f"drain must be 'wait' or 'abort', not {drain!r}")
     _check_extension(llm)
     path = str(Path(checkpoint_dir).resolve())
-    validate_checkpoint(llm, path)
+    # Reading headers and building the reference model takes a while; keep the event loop free.
+    await asyncio.to_thread(validate_checkpoint, llm, path)
 
     with _locks_guard:
         lock = _async_locks.setdefault(llm, asyncio.Lock())
