@@ -508,7 +508,7 @@ def step_evaluate(ctx: StepContext) -> StepResult:
         overrides=ctx.config.evaluate,
     )
     metrics = dict(res["metrics"])
-    return StepResult({"metrics": metrics}, summary=metrics)
+    return StepResult({"metrics": metrics, "report": res.get("report")}, summary=metrics)
 
 
 def gate_checks(cfg: CycleConfig, m: dict[str, Any]) -> dict[str, bool]:

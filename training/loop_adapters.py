@@ -229,14 +229,37 @@ def evaluate(
     out_dir: str,
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    from training.evaluate import evaluate_candidate
+    """training/evaluate.py on held-out constraint prompts and the held-out ptx corpus (not the
+    snapshot's, which PPO-ptx trained on). The second judge is the constraint judge: it checks
+    IFEval's instructions programmatically, so it cannot be gamed through the reward model."""
+    import json
 
-    res = evaluate_candidate(
-        candidate=candidate,
-        baseline=serving,
-        reward_model=reward_model,
-        snapshot_dir=snapshot_dir,
-        out_dir=out_dir,
-        **overrides,
-    )
-    return {"metrics": _numbers(dict(res))}
+    from training.evaluate import EvalConfig
+    from training.evaluate import evaluate as run_eval
+
+    fixed = {"policy": candidate, "baseline": serving, "reward_model": reward_model}
+    clash = sorted(set(overrides) & set(fixed))
+    if clash:
+        raise ValueError(f"the cycle sets {', '.join(clash)} itself; remove them from the config")
+    report = run_eval(EvalConfig(**overrides, **fixed))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    pol, base = report["models"]["policy"], report["models"]["baseline"]
+    wr = report["win_rate"]
+    metrics = {
+        "win_rate_rm": wr["reward_model"]["win_rate"],
+        "win_rate_rm_stderr": wr["reward_model"]["stderr"],
+        "win_rate_judge": wr["constraints"]["win_rate"],
+        "win_rate_judge_stderr": wr["constraints"]["stderr"],
+        "ptx_loss_candidate": pol["ptx_lm_loss"]["nll"],
+        "ptx_loss_serving": base["ptx_lm_loss"]["nll"],
+        # instruction level: finer than prompt level, so less noisy on few prompts
+        "constraint_accuracy_candidate": pol["ifeval"]["instruction_level"],
+        "constraint_accuracy_serving": base["ifeval"]["instruction_level"],
+        "prompt_accuracy_candidate": pol["ifeval"]["prompt_level"],
+        "prompt_accuracy_serving": base["ifeval"]["prompt_level"],
+        "mean_reward_candidate": pol["mean_reward"],
+        "mean_reward_serving": base["mean_reward"],
+        "eval_prompts": pol["ifeval"]["n_prompts"],
+    }
+    return {"metrics": _numbers(metrics), "report": str(Path(out_dir) / "report.json")}

@@ -54,7 +54,7 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
         num_attention_heads=2,
         num_key_value_heads=1,
         head_dim=32,
-        max_position_embeddings=1024,
+        max_position_embeddings=2048,  # the evaluation sampler asks for 2048
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
@@ -137,6 +137,12 @@ def seed_feedback(redis_url: str, n: int = 8, k: int = 4, prefix: str = "il:") -
 def tiny_cycle_config(work_dir: Path, **over: Any) -> dict[str, Any]:
     """A cycle whose heavy steps are as small as they go (tiny models, a few steps), with a
     gate every candidate passes unless `over` says otherwise."""
+    import json
+
+    ptx = work_dir.parent / "ptx_heldout.jsonl"  # a small held-out corpus of our own
+    ptx.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"text": f"{q} {a}"} for q, a in zip(PROMPTS, ANSWERS, strict=False)]
+    ptx.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg: dict[str, Any] = {
         "work_dir": str(work_dir),
         "min_feedback": 1,
@@ -153,7 +159,13 @@ def tiny_cycle_config(work_dir: Path, **over: Any) -> dict[str, Any]:
             "warmup_steps": 0,
             "device": "cpu",
         },
-        "evaluate": {},
+        "evaluate": {
+            "n_prompts": 6,
+            "max_tokens": 16,
+            "batch_size": 4,
+            "device": "cpu",
+            "ptx_path": str(ptx),
+        },
         "gate_min_win_rate_rm": 0.0,
         "gate_min_win_rate_judge": 0.0,
         "gate_max_ptx_loss_increase": 1e9,

@@ -284,3 +284,26 @@ def test_resume_stalled_resends_the_rest_of_the_chain_once(
     store.set_step_state("cyc-k", "ppo", {"state": "done", "attempts": 2})
     store.set_fields("cyc-k", current_step="evaluate")
     assert resume_stalled(app, store, "training") is None
+
+
+def test_model_register_prints_version_and_refuses_bad_paths(
+    redis_client: Any, redis_url: str, tiny_policy: Path, tmp_path: Path
+) -> None:
+    from loop_helpers import cli, loop_env
+
+    env = loop_env(redis_url)
+    first = cli("model", "register", str(tiny_policy), env=env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "v1"
+    again = cli("model", "register", str(tiny_policy), env=env)  # same content: same version
+    assert again.stdout.strip() == "v1"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = cli("model", "register", str(empty), env=env)
+    assert bad.returncode == 1 and "no *.safetensors" in bad.stderr
+    reg = ModelRegistry(redis_url)
+    try:
+        assert [m.version for m in reg.list()] == ["v1"]
+        assert reg.get("v1").source == "register" and reg.live() is None  # not made live
+    finally:
+        reg.close()
