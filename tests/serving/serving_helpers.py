@@ -1,0 +1,77 @@
+"""Helpers of the serving tests: stubs, Redis state snapshots, a transformers reference."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import redis
+
+from instructloop.v1 import (
+    completion_pb2,
+    completion_pb2_grpc,
+    feedback_pb2_grpc,
+    model_pb2_grpc,
+)
+
+PREFIX = "il:"
+
+
+@dataclass
+class Stubs:
+    completion: completion_pb2_grpc.CompletionServiceStub
+    feedback: feedback_pb2_grpc.FeedbackServiceStub
+    model: model_pb2_grpc.ModelServiceStub
+
+
+def stubs(channel: grpc.aio.Channel) -> Stubs:
+    return Stubs(
+        completion_pb2_grpc.CompletionServiceStub(channel),
+        feedback_pb2_grpc.FeedbackServiceStub(channel),
+        model_pb2_grpc.ModelServiceStub(channel),
+    )
+
+
+def chat(*pairs: tuple[str, str], **kw: Any) -> completion_pb2.CompletionRequest:
+    return completion_pb2.CompletionRequest(
+        messages=[completion_pb2.ChatMessage(role=r, content=c) for r, c in pairs], **kw
+    )
+
+
+def redis_state(client: redis.Redis) -> dict[str, Any]:
+    """Every key of the database with a digest of its content: equal states = nothing written."""
+    state: dict[str, Any] = {}
+    for key in sorted(client.scan_iter(count=1000)):
+        t = client.type(key)
+        if t == "string":
+            v: Any = client.get(key)
+        elif t == "hash":
+            v = client.hgetall(key)
+        elif t == "stream":
+            v = client.xlen(key)
+        elif t == "zset":
+            v = client.zrange(key, 0, -1, withscores=True)
+        elif t == "list":
+            v = client.lrange(key, 0, -1)
+        elif t == "set":
+            v = sorted(client.smembers(key))
+        else:
+            v = t
+        state[key] = v
+    return state
+
+
+def stored_completion(client: redis.Redis, completion_id: str) -> dict[str, Any] | None:
+    raw = client.hget(f"{PREFIX}cmpl:{completion_id}", "record")
+    return None if raw is None else json.loads(raw)
+
+
+async def rpc_error(coro: Any) -> grpc.aio.AioRpcError:
+    """Await an RPC that must fail; return its error."""
+    try:
+        await coro
+    except grpc.aio.AioRpcError as e:
+        return e
+    raise AssertionError("the RPC succeeded but should have failed")
