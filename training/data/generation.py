@@ -56,9 +56,15 @@ class Sampler:
         from vllm import LLM
 
         self.model_dir = str(model_dir)
+        dtype = self.cfg.dtype
+        if dtype == "auto":
+            # vLLM's "auto" runs a float32 checkpoint in 16 bits; sample what the checkpoint holds.
+            from training.common import model_dtype_name
+
+            dtype = model_dtype_name(self.model_dir)
         self.llm: Any = LLM(
             model=self.model_dir,
-            dtype=self.cfg.dtype,
+            dtype=dtype,
             max_model_len=self.cfg.max_model_len,
             enforce_eager=True,
             seed=self.cfg.seed,

@@ -1,0 +1,361 @@
+"""The learning benchmark of issue 3: does the InstructGPT recipe teach the default model to follow
+verifiable instructions, and what does it cost in LM loss?
+
+    python -m benchmarks.learning [--work-dir DIR] [--quick] [key=value ...]
+
+1. Prompts with verifiable constraints (training/data/constraints.py), train and held-out
+   subjects apart (the paper splits by user id, §3.2).
+2. The default model (SmolLM2-135M-Instruct) is the SFT policy. It answers the held-out prompts
+   (greedy): accuracy BEFORE. It samples K answers per training prompt (T = 1), and a simulated
+   labeller ranks them by constraints met (ties kept): an export directory in the service's format.
+3. Reward model on the rankings (paper eq. 1, K-way); held-out pairwise accuracy on rankings of
+   held-out prompts.
+4. PPO-ptx (γ_ptx > 0) and plain PPO (γ_ptx = 0), same seed and settings otherwise, from the SFT
+   policy, against the RM, ptx corpus = the initial policy's samples on general prompts
+   (training/data/ptx.py).
+5. Held-out prompt-level accuracy AFTER (greedy), and LM loss on the held-out ptx corpus for the
+   SFT policy, PPO and PPO-ptx (the alignment tax).
+
+Target (issue 3): ≥ +10 points held-out prompt-level accuracy, ≤ 2% LM-loss rise under PPO-ptx,
+within 60 minutes on the 2-core CPU machine. Results: benchmarks/results/learning.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+PTX_TRAIN = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_train.jsonl"
+PTX_HELDOUT = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_heldout.jsonl"
+
+
+@dataclass
+class LearningConfig:
+    """Sizes and settings of one run. Defaults aim at the 60-minute budget on 2 CPU cores."""
+
+    model: str = ""
+    """The SFT policy; "" = the default model (SmolLM2-135M-Instruct)."""
+    work_dir: str = ""
+    """Checkpoints and data of the run; "" = a fresh temporary directory."""
+    seed: int = 0
+    n_train_prompts: int = 128
+    """Training prompts: ranked for the RM, then PPO's prompt set."""
+    n_rm_val_prompts: int = 32
+    """Held-out prompts ranked for the RM's held-out accuracy."""
+    n_eval_prompts: int = 100
+    """Held-out prompts for accuracy before/after (disjoint from the RM validation prompts)."""
+    k: int = 4
+    """Samples ranked per prompt (paper: K = 4 to 9)."""
+    sample_max_tokens: int = 64
+    """Length limit of the ranked samples (= PPO's max_new_tokens)."""
+    eval_max_tokens: int = 96
+    """Length limit of the greedy evaluation answers."""
+    rm: dict[str, Any] = field(
+        default_factory=lambda: {"epochs": 1, "batch_size": 8, "lr": 2e-5, "max_length": 320}
+    )
+    """RewardModelConfig overrides (paper: 1 epoch, lr 9e-6, batch 64)."""
+    ppo: dict[str, Any] = field(
+        default_factory=lambda: {
+            "total_episodes": 192,
+            "batch_size": 16,
+            "minibatch_size": 8,
+            "lr": 1e-5,
+            "critic_lr": 1e-5,
+            "warmup_steps": 2,
+            "kl_coef": 0.02,
+            "gamma_ptx": 1.0,
+            "ptx_batch_size": 4,
+            "ptx_max_length": 192,
+        }
+    )
+    """PPOConfig overrides shared by both runs; gamma_ptx applies to the PPO-ptx run only."""
+    plain_ppo: bool = True
+    """Also train plain PPO (γ_ptx = 0) for the alignment-tax comparison."""
+
+
+def _log(t0: float, msg: str) -> None:
+    print(f"[learning {time.time() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def run(cfg: LearningConfig) -> dict[str, Any]:
+    import tempfile
+
+    from training.common import resolve_model_path
+    from training.config import PPOConfig, RewardModelConfig, config_from_dict
+    from training.data.constraints import accuracy, generate_prompts, score
+    from training.data.demonstrations import demonstration_row, pick_demonstration
+    from training.data.generation import Sampler
+    from training.data.simulated_labeler import rank, write_export
+    from training.evaluate import generate_answers, model_lm_loss, read_texts
+    from training.ppo import run_ppo
+    from training.reward_model import run_reward_model
+
+    t0 = time.time()
+    phases: dict[str, float] = {}
+    work = Path(cfg.work_dir or tempfile.mkdtemp(prefix="instructloop-learning-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sft = resolve_model_path(cfg.model)
+    _log(t0, f"work dir {work}; SFT policy {sft}")
+
+    train_p = generate_prompts(cfg.n_train_prompts, "train", seed=cfg.seed)
+    eval_p = generate_prompts(cfg.n_eval_prompts, "heldout", seed=cfg.seed)
+    eval_ids = {p.id for p in eval_p}
+    val_p = [
+        p
+        for p in generate_prompts(
+            cfg.n_rm_val_prompts + cfg.n_eval_prompts, "heldout", seed=cfg.seed + 1
+        )
+        if p.id not in eval_ids
+    ][: cfg.n_rm_val_prompts]
+
+    # -- 2. the SFT policy: held-out answers (before), K samples per prompt, rankings
+    t = time.time()
+    with Sampler(sft) as s:
+        _log(t0, f"engine up ({time.time() - t:.0f}s); greedy answers to {len(eval_p)} held-out")
+        before_answers = [
+            o[0]
+            for o in s.sample(
+                [p.prompt for p in eval_p], n=1, temperature=0.0, max_tokens=cfg.eval_max_tokens
+            )
+        ]
+        _log(t0, f"sampling K={cfg.k} for {len(train_p)} train + {len(val_p)} held-out prompts")
+        outs = s.sample_full(
+            [p.prompt for p in train_p + val_p],
+            n=cfg.k,
+            temperature=1.0,
+            max_tokens=cfg.sample_max_tokens,
+        )
+    phases["sample_s"] = time.time() - t
+    before = accuracy(eval_p, before_answers)
+    _log(
+        t0,
+        f"before: prompt-level {before.prompt_level:.3f}, "
+        f"instruction-level {before.instruction_level:.3f}",
+    )
+
+    def export(prompts: list[Any], completions: list[Any], name: str) -> Path:
+        rankings, demos = [], []
+        for p, cs in zip(prompts, completions, strict=True):
+            rankings.append((rank(p, [c.text for c in cs]), cs[0].prompt_text))
+            d = pick_demonstration(p, cs)
+            if d is not None:
+                demos.append(demonstration_row(p, d))
+        prompt_rows = [
+            {"prompt": p.prompt, "prompt_text": cs[0].prompt_text}
+            for p, cs in zip(prompts, completions, strict=True)
+        ]
+        ptx_rows = [{"text": x} for x in read_texts(PTX_TRAIN)]
+        s = write_export(
+            work / name,
+            rankings,
+            model_version="sft",
+            sft_rows=demos,
+            ptx_rows=ptx_rows,
+            prompt_rows=prompt_rows,
+        )
+        _log(t0, f"{name}: {s.counts} (all-tied groups dropped: {s.all_tied_dropped})")
+        return work / name
+
+    train_dir = export(train_p, outs[: len(train_p)], "export-train")
+    val_dir = export(val_p, outs[len(train_p) :], "export-val")
+    # Share of constraints the sampled answers meet (the raw material the RM learns from).
+    sample_scores = [score(p, c.text) for p, cs in zip(train_p, outs, strict=False) for c in cs]
+
+    # -- 3. reward model
+    t = time.time()
+    rm_cfg = config_from_dict(
+        RewardModelConfig,
+        {
+            "model_path": sft,
+            "train_path": str(train_dir / "rankings.jsonl"),
+            "val_path": str(val_dir / "rankings.jsonl"),
+            "reference_path": str(train_dir / "sft.jsonl"),
+            "output_dir": str(work / "rm"),
+            "overwrite": True,
+            "seed": cfg.seed,
+            "progress": False,
+            **cfg.rm,
+        },
+    )
+    _log(t0, "training the reward model")
+    rm = run_reward_model(rm_cfg)
+    phases["rm_s"] = time.time() - t
+    _log(t0, f"RM: {rm.metrics}")
+
+    # -- 4. PPO-ptx and plain PPO
+    runs: dict[str, Any] = {}
+    variants = [("ppo_ptx", cfg.ppo.get("gamma_ptx", 1.0))]
+    if cfg.plain_ppo:
+        variants.append(("ppo", 0.0))
+    for name, gamma_ptx in variants:
+        t = time.time()
+        ppo_cfg = config_from_dict(
+            PPOConfig,
+            {
+                **cfg.ppo,
+                "gamma_ptx": gamma_ptx,
+                "policy_path": sft,
+                "reward_model_path": str(rm.path),
+                "prompts_path": str(train_dir / "prompts.jsonl"),
+                "ptx_path": str(train_dir / "ptx.jsonl"),
+                "max_new_tokens": cfg.sample_max_tokens,
+                "output_dir": str(work / name),
+                "overwrite": True,
+                "seed": cfg.seed,
+                "progress": False,
+            },
+        )
+        _log(t0, f"{name}: PPO with gamma_ptx={gamma_ptx}")
+        ck = run_ppo(ppo_cfg)
+        phases[f"{name}_s"] = time.time() - t
+        runs[name] = ck
+        _log(t0, f"{name}: {ck.metrics}")
+
+    # -- 5. evaluation after
+    t = time.time()
+    texts = read_texts(PTX_HELDOUT)
+    loss = {"sft": model_lm_loss(sft, texts, device="cpu")}
+    after: dict[str, Any] = {}
+    for name, ck in runs.items():
+        ans = generate_answers(ck.path, eval_p, max_tokens=cfg.eval_max_tokens)
+        after[name] = accuracy(eval_p, ans)
+        loss[name] = model_lm_loss(ck.path, texts, device="cpu")
+        _log(
+            t0,
+            f"{name}: prompt-level {after[name].prompt_level:.3f}, "
+            f"ptx LM loss {loss[name].nll:.4f} (SFT {loss['sft'].nll:.4f})",
+        )
+    phases["eval_after_s"] = time.time() - t
+    total = time.time() - t0
+
+    main = after["ppo_ptx"]
+    rise = {k: (v.nll - loss["sft"].nll) / loss["sft"].nll for k, v in loss.items() if k != "sft"}
+    result = {
+        "benchmark": "learning",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": _machine(),
+        "config": dataclasses.asdict(cfg),
+        "work_dir": str(work),
+        "heldout_accuracy": {
+            "before": before.to_json(),
+            **{k: v.to_json() for k, v in after.items()},
+        },
+        "prompt_level_gain_points": 100 * (main.prompt_level - before.prompt_level),
+        "reward_model": rm.metrics,
+        "ppo_metrics": {k: v.metrics for k, v in runs.items()},
+        "ptx_lm_loss": {k: v.to_json() for k, v in loss.items()},
+        "ptx_lm_loss_rise": rise,
+        "sampled_instruction_rate": sum(m for m, _ in sample_scores)
+        / max(1, sum(n for _, n in sample_scores)),
+        "seconds": {**phases, "total": total},
+        "targets": {
+            "prompt_level_gain_points>=10": 100 * (main.prompt_level - before.prompt_level) >= 10,
+            "ppo_ptx_lm_loss_rise<=2%": rise["ppo_ptx"] <= 0.02,
+            "total_minutes<=60": total <= 3600,
+        },
+    }
+    return result
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    acc = r["heldout_accuracy"]
+    loss = r["ptx_lm_loss"]
+    rows = [("SFT (default model)", "before")] + [
+        (k.replace("_", "-").upper(), k) for k in acc if k != "before"
+    ]
+    lines = [
+        "### Learning benchmark (issue 3)",
+        "",
+        f"{r['date']}, {r['machine']['platform']}, {r['machine']['cpu_count']} CPUs"
+        f"{', ' + r['machine']['cuda'] if r['machine']['cuda'] else ''}; "
+        f"load average at the end {r['machine']['load_average_at_end'][0]:.1f}.",
+        "",
+        "| policy | held-out prompt-level acc. | instruction-level acc. | ptx LM loss (nats/tok) |",
+        "|---|---|---|---|",
+    ]
+    for label, key in rows:
+        lk = "sft" if key == "before" else key
+        lines.append(
+            f"| {label} | {acc[key]['prompt_level']:.3f} | "
+            f"{acc[key]['instruction_level']:.3f} | {loss[lk]['nll']:.4f} |"
+        )
+    rm = r["reward_model"]
+    secs = r["seconds"]
+    lines += [
+        "",
+        f"- Prompt-level gain under PPO-ptx: {r['prompt_level_gain_points']:+.1f} points "
+        f"(target ≥ +10) on {acc['before']['n_prompts']} held-out prompts.",
+        f"- Reward model held-out pairwise accuracy: {rm.get('val_accuracy', float('nan')):.3f} "
+        f"on {rm.get('val_pairs', '?')} pairs (paper: about 0.70).",
+        "- ptx LM loss rise vs SFT: "
+        + ", ".join(f"{k} {v:+.2%}" for k, v in r["ptx_lm_loss_rise"].items())
+        + " (target for PPO-ptx ≤ +2%).",
+        f"- Time: {secs['total'] / 60:.1f} min in all (target ≤ 60): "
+        + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in secs.items() if k != "total")
+        + " min.",
+        "- Targets met: "
+        + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["targets"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work-dir", default="")
+    ap.add_argument("--out", default=str(RESULTS / "learning.json"))
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness only")
+    ap.add_argument("overrides", nargs="*", help="LearningConfig fields as key=JSON")
+    args = ap.parse_args(argv)
+    cfg = LearningConfig(work_dir=args.work_dir)
+    if args.quick:
+        cfg.n_train_prompts, cfg.n_rm_val_prompts, cfg.n_eval_prompts = 16, 8, 8
+        cfg.sample_max_tokens = cfg.eval_max_tokens = 24
+        cfg.ppo = {**cfg.ppo, "total_episodes": 16, "batch_size": 8, "minibatch_size": 4}
+    for item in args.overrides:
+        key, _, raw = item.partition("=")
+        if not hasattr(cfg, key):
+            ap.error(f"unknown LearningConfig field {key!r}")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        cur = getattr(cfg, key)
+        setattr(cfg, key, {**cur, **value} if isinstance(cur, dict) else value)
+    result = run(cfg)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
