@@ -1,9 +1,261 @@
-"""`instructloop` verbs of the serving component (see instructloop/cli.py)."""
+"""`instructloop` verbs of the serving component: `serve` and `up` (see instructloop/cli.py).
+
+Nothing heavy is imported at module level (the handlers import the server), so
+`instructloop --help` stays quick.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument(
+        "--model",
+        default=None,
+        help="model directory or hub id (default: the registry's live version, else the "
+        "default model built by `instructloop model init`)",
+    )
+    g.add_argument("--max-model-len", type=int, default=None, help="context length (2048)")
+    g.add_argument("--dtype", default=None, help="weights and activations dtype (bfloat16)")
+    g.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs per engine (1)")
+    g.add_argument(
+        "--gpu-memory-utilization", type=float, default=None, help="GPU memory share (0.9)"
+    )
+    g.add_argument(
+        "--kv-cache-space-gib",
+        type=float,
+        default=None,
+        help="KV cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE)",
+    )
+    g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
+    g.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no torch.compile / CUDA graphs (default: on for CPU, off for GPU)",
+    )
+    g.add_argument(
+        "--chunked-prefill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="chunked prefill (default: off on CPU, where seeded requests crash with it)",
+    )
+    g.add_argument(
+        "--default-max-tokens", type=int, default=None, help="max_tokens when unset (256)"
+    )
+
+    g = p.add_argument_group("network")
+    g.add_argument("--grpc-host", default=None, help="gRPC interface (127.0.0.1)")
+    g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (50051; 0: any)")
+    g.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (9464)")
+    g.add_argument("--no-metrics", action="store_true", help="serve no metrics")
+    g.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
+    g.add_argument("--tls-key", type=Path, default=None, help="TLS private key (PEM)")
+    g.add_argument(
+        "--api-keys-file",
+        type=Path,
+        default=None,
+        help="keys, one per line: KEY, `user KEY` or `admin KEY` (besides "
+        "INSTRUCTLOOP_API_KEYS / INSTRUCTLOOP_ADMIN_KEYS)",
+    )
+
+    g = p.add_argument_group("storage")
+    g.add_argument("--redis-url", default=None, help="Redis (env REDIS_URL, else local 6379/0)")
+    g.add_argument("--key-prefix", default=None, help="prefix of every Redis key (il:)")
+    g.add_argument(
+        "--feedback-rate-limit",
+        type=int,
+        default=None,
+        help="feedback records per user per minute (600; 0: no limit)",
+    )
+    g.add_argument("--replica-id", default=None, help="name of this replica (host-pid)")
+
+
+def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
+    from serving.config import ServerConfig
+
+    overrides: dict[str, Any] = {
+        "model": args.model,
+        "max_model_len": args.max_model_len,
+        "dtype": args.dtype,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "cpu_kvcache_space_gib": args.kv_cache_space_gib,
+        "max_num_seqs": args.max_num_seqs,
+        "enforce_eager": args.enforce_eager,
+        "enable_chunked_prefill": args.chunked_prefill,
+        "default_max_tokens": args.default_max_tokens,
+        "grpc_host": args.grpc_host,
+        "grpc_port": args.grpc_port,
+        "metrics_port": args.metrics_port,
+        "tls_cert": args.tls_cert,
+        "tls_key": args.tls_key,
+        "api_keys_file": args.api_keys_file,
+        "redis_url": args.redis_url,
+        "key_prefix": args.key_prefix,
+        "feedback_rate_limit_per_minute": args.feedback_rate_limit,
+        "replica_id": args.replica_id,
+    }
+    overrides.update(extra)
+    cfg = ServerConfig.from_env(**overrides)
+    if args.no_metrics:
+        cfg = cfg.with_(metrics_port=None)
+    return cfg
+
+
+def _say(msg: str) -> None:
+    print(f"[instructloop] {msg}", file=sys.stderr, flush=True)
+
+
+async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -> int:
+    """Start the server, show progress while the engine starts, serve until SIGINT/SIGTERM."""
+    from serving.server import InstructloopServer
+
+    server = InstructloopServer(cfg, progress=_say)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def ticker() -> None:
+        t0 = time.monotonic()
+        while True:
+            await asyncio.sleep(10)
+            _say(f"... still starting ({time.monotonic() - t0:.0f} s)")
+
+    tick = asyncio.create_task(ticker())
+    start = asyncio.create_task(server.start())
+    waiter = asyncio.create_task(stop.wait())
+    try:
+        done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        tick.cancel()
+    if start not in done:  # interrupted during start
+        start.cancel()
+        with contextlib.suppress(BaseException):
+            await start
+        await server.stop(grace=0)
+        return 130
+    waiter.cancel()
+    try:
+        start.result()
+    except Exception as e:
+        await server.stop(grace=0)
+        raise SystemExit(f"error: {e}") from e
+    if on_ready is not None:
+        on_ready(server)
+    _say("ready; Ctrl-C stops")
+    serve = asyncio.create_task(server.wait_for_termination())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({serve, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    _say(f"stopping (in-flight requests get {cfg.shutdown_grace_s:g} s)")
+    await server.stop()
+    serve.cancel()
+    stopper.cancel()
+    return 0
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.config import ConfigError
+
+    _logging()
+    try:
+        cfg = _config_from_args(args)
+        cfg.validate()
+        return asyncio.run(_run_server(cfg))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _up(args: argparse.Namespace) -> int:
+    """Everything on one machine: Redis (unless REDIS_URL), the default model, the server."""
+    from instructloop.model_init import ModelInitError, init_default_model
+    from instructloop.paths import data_dir, default_model_dir
+    from instructloop.redis_server import RedisProcess, is_reachable
+    from serving.config import ConfigError
+
+    _logging()
+    redis_proc: RedisProcess | None = None
+    redis_url = args.redis_url or os.environ.get("REDIS_URL")
+    try:
+        if redis_url:
+            if not is_reachable(redis_url):
+                print(f"error: Redis at {redis_url} does not answer", file=sys.stderr)
+                return 1
+            _say(f"redis: using {redis_url}")
+        else:
+            rdir = data_dir() / "redis"
+            _say(f"redis: starting a private redis-server (AOF, appendfsync always) in {rdir}")
+            redis_proc = RedisProcess(dir=rdir, port=args.redis_port).start()
+            redis_url = redis_proc.url
+            _say(f"redis: {redis_url}")
+        if args.model is None:
+            try:
+                init_default_model(default_model_dir(), progress=_say)
+            except ModelInitError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+        cfg = _config_from_args(args, redis_url=redis_url)
+        cfg.validate()
+
+        def ready(server: Any) -> None:
+            _say(f"data directory: {data_dir()}")
+            _say(f"gRPC: {server.address}  (grpcurl -plaintext {server.address} list)")
+            if server.metrics.port:
+                _say(f"metrics: http://{cfg.metrics_host}:{server.metrics.port}/metrics")
+            _say(f"model: {server.model.version} {server.model.path}")
+
+        return asyncio.run(_run_server(cfg, on_ready=ready))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if redis_proc is not None:
+            _say("redis: stopping")
+            redis_proc.stop()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this component's verbs to the top-level parser."""
+    serve = sub.add_parser(
+        "serve",
+        help="serve the policy over gRPC on vLLM",
+        description="Start the vLLM engine and the gRPC API (completions, feedback, model "
+        "admin, health, reflection) with Prometheus metrics. Every completion and judgement is "
+        "written to Redis before the RPC answers OK.",
+    )
+    _add_server_args(serve)
+    serve.set_defaults(func=_serve)
+
+    up = sub.add_parser(
+        "up",
+        help="run everything on this machine (Redis, default model, server)",
+        description="Use REDIS_URL if set, else start a private redis-server with AOF "
+        "(appendfsync always) in the data directory; build the default model if missing; "
+        "serve. Ctrl-C stops everything.",
+    )
+    _add_server_args(up)
+    up.add_argument(
+        "--redis-port", type=int, default=0, help="port of the private Redis (0: a free one)"
+    )
+    up.set_defaults(func=_up)

@@ -736,6 +736,7 @@ class InstructloopServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = False
         self.port = 0
 
     @property
@@ -895,6 +896,9 @@ class InstructloopServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health NOT_SERVING, in-flight RPCs get `grace` seconds, then close all."""
+        if self._stopped:
+            return
+        self._stopped = True
         grace = self.config.shutdown_grace_s if grace is None else grace
         if self._server is not None:
             with contextlib.suppress(Exception):

@@ -1,0 +1,76 @@
+"""Units of the serving component that need no engine: config, keys, auth, request checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from feedback.config import StoreConfig
+from instructloop.v1 import completion_pb2
+from serving.config import ConfigError, ServerConfig
+from serving.server import Authenticator, RpcFailure, check_request
+
+
+def test_from_env_reads_keys_and_redis(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSTRUCTLOOP_API_KEYS", " a , b,,")
+    monkeypatch.setenv("INSTRUCTLOOP_ADMIN_KEYS", "root")
+    monkeypatch.setenv("REDIS_URL", "redis://example:1/2")
+    cfg = ServerConfig.from_env(grpc_port=0, model=None)
+    assert cfg.api_keys == ("a", "b") and cfg.admin_keys == ("root",)
+    assert cfg.redis_url == "redis://example:1/2" and cfg.grpc_port == 0
+    monkeypatch.delenv("REDIS_URL")
+    assert ServerConfig.from_env().redis_url == "redis://127.0.0.1:6379/0"
+
+
+def test_keys_file(tmp_path: Path) -> None:
+    f = tmp_path / "keys"
+    f.write_text("# comment\nplain-key\nuser u-key  # trailing\nadmin a-key\n\n")
+    users, admins = ServerConfig(api_keys=("env",), api_keys_file=f).all_keys()
+    assert users == {"env", "plain-key", "u-key"} and admins == {"a-key"}
+    f.write_text("root a b\n")
+    with pytest.raises(ConfigError, match=r"keys:1"):
+        ServerConfig(api_keys_file=f).all_keys()
+    with pytest.raises(ConfigError, match="cannot read"):
+        ServerConfig(api_keys_file=tmp_path / "missing").all_keys()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"tls_cert": Path("/nonexistent.pem")}, "both --tls-cert and --tls-key"),
+        ({"tls_cert": Path("/x"), "tls_key": Path("/y")}, "TLS file not found"),
+        ({"grpc_port": 70000}, "grpc_port"),
+        ({"max_model_len": 1}, "max_model_len"),
+        ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),
+        ({"cpu_kvcache_space_gib": -1.0}, "cpu_kvcache_space_gib"),
+        ({"max_n": 0}, "max_n"),
+    ],
+)
+def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        ServerConfig().with_(**changes).validate()
+
+
+def test_authenticator_roles() -> None:
+    auth = Authenticator(frozenset({"u1"}), frozenset({"adm"}))
+    assert auth.enabled
+    assert auth.role("Bearer u1") == "user"
+    assert auth.role("bearer  adm ") == "admin"
+    for bad in (None, "", "u1", "Bearer", "Bearer ", "Basic u1", "Bearer u2", "Bearer u1x"):
+        assert auth.role(bad) is None, bad
+    assert not Authenticator(frozenset(), frozenset()).enabled
+
+
+def test_check_request_accepts_a_good_request() -> None:
+    req = completion_pb2.CompletionRequest(
+        messages=[completion_pb2.ChatMessage(role="user", content="hi")],
+        n=16, max_tokens=5, temperature=0.0, top_p=1.0, seed=0, stop=["a"] * 8,
+    )  # fmt: skip
+    check_request(req, ServerConfig(), StoreConfig())
+
+
+def test_check_request_limits_follow_config() -> None:
+    req = completion_pb2.CompletionRequest(prompt="hi", n=5)
+    with pytest.raises(RpcFailure, match="n must be 1 to 4"):
+        check_request(req, ServerConfig(max_n=4), StoreConfig())
