@@ -124,6 +124,20 @@ class WeightSyncConfig:
     staging_dir: Path | None = field(default=None)
 
 
+@dataclass(frozen=True)
+class LoadTimes:
+    """How long a load took. `drain_s`: pausing (waiting for or aborting in-flight requests;
+    0 for the offline engine); `load_s`: loading in the worker and resetting the prefix cache."""
+
+    drain_s: float
+    load_s: float
+
+    @property
+    def paused_s(self) -> float:
+        """Seconds no new token was generated for newly arriving requests."""
+        return self.drain_s + self.load_s
+
+
 def engine_kwargs() -> dict[str, str]:
     """Add these to `AsyncEngineArgs(...)` / `vllm.LLM(...)` for an engine this module updates."""
     return {"worker_extension_cls": WORKER_EXTENSION}
@@ -237,7 +251,12 @@ def _expected_tensors(config_json: str) -> _Expected:
 
 
 def _expected_for(running_cfg: Any) -> _Expected:
-    return _expected_tensors(json.dumps(running_cfg.to_dict(), sort_keys=True, default=str))
+    try:
+        return _expected_tensors(json.dumps(running_cfg.to_dict(), sort_keys=True, default=str))
+    except Exception as e:  # e.g. an architecture transformers cannot build without remote code
+        raise WeightSyncError(
+            f"cannot build the reference tensor list for the running architecture ({e})"
+        ) from e
 
 
 def _inference_config(config: Any) -> dict[str, Any]:
@@ -384,9 +403,9 @@ async def reload_weights(
     *,
     drain: str = "wait",
     config: WeightSyncConfig | None = None,
-) -> float:
+) -> LoadTimes:
     """Swap a running AsyncLLM's weights for those in `checkpoint_dir` (a Hugging Face safetensors
-    directory of the same architecture). Returns the seconds generation was paused.
+    directory of the same architecture).
 
     Validate (nothing paused yet) -> pause (drain "wait": in-flight requests finish on the old
     weights; "abort": they end now with finish_reason "abort" and may be resubmitted) -> load in
@@ -409,6 +428,7 @@ async def reload_weights(
         previous = served_checkpoint(llm)
         t0 = time.perf_counter()
         await llm.pause_generation(mode=drain, clear_cache=True)  # type: ignore[arg-type]
+        t1 = time.perf_counter()
         consistent = True
         try:
             try:
@@ -431,17 +451,16 @@ async def reload_weights(
         finally:
             if consistent:
                 await llm.resume_generation()
-        paused = time.perf_counter() - t0
-    log.info("loaded %s into the running engine (paused %.2f s)", path, paused)
-    return paused
+        times = LoadTimes(drain_s=t1 - t0, load_s=time.perf_counter() - t1)
+    log.info("loaded %s into the running engine (%s)", path, times)
+    return times
 
 
 def reload_weights_sync(
     llm: vllm.LLM, checkpoint_dir: str | Path, *, config: WeightSyncConfig | None = None
-) -> float:
+) -> LoadTimes:
     """`reload_weights` for the offline `vllm.LLM` (PPO rollouts). Call it between `generate`
-    calls (nothing is in flight then); not thread-safe against a concurrent `generate`.
-    Returns the seconds the load took."""
+    calls (nothing is in flight then); not thread-safe against a concurrent `generate`."""
     cfg = config or WeightSyncConfig()
     _check_extension(llm)
     path = str(Path(checkpoint_dir).resolve())
@@ -454,10 +473,10 @@ def load_state_dict_sync(
     state_dict: Mapping[str, torch.Tensor],
     *,
     config: WeightSyncConfig | None = None,
-) -> float:
+) -> LoadTimes:
     """Load a Hugging Face-named state dict (e.g. `policy.state_dict()` of a transformers model of
     the engine's architecture; merge LoRA adapters first) into the offline `vllm.LLM`, without a
-    checkpoint on disk. Returns the seconds the load took.
+    checkpoint on disk.
 
     When the worker runs in this process (engine made with VLLM_ENABLE_V1_MULTIPROCESSING=0 and
     distributed_executor_backend="uni") the tensors reach it by reference. Otherwise they must
@@ -493,11 +512,11 @@ def load_state_dict_sync(
         cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
         save_file(cpu, str(tmp / "model.safetensors"))
         del cpu
-        seconds = _load_sync(llm, str(tmp), cfg)
+        times = _load_sync(llm, str(tmp), cfg)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _served[llm] = None  # the staged files are gone: nothing to roll back to
-    return seconds
+    return times
 
 
 def _load_sync(
@@ -506,7 +525,7 @@ def _load_sync(
     cfg: WeightSyncConfig,
     *,
     tensors: Mapping[str, torch.Tensor] | None = None,
-) -> float:
+) -> LoadTimes:
     with _locks_guard:
         lock = _sync_locks.setdefault(llm, threading.Lock())
     with lock:
@@ -532,7 +551,7 @@ def _load_sync(
             raise _failure(path or "state dict", e, consistent) from e
         finally:
             llm.reset_prefix_cache()
-        return time.perf_counter() - t0
+        return LoadTimes(drain_s=0.0, load_s=time.perf_counter() - t0)
 
 
 def check_head_sync(llm: vllm.LLM) -> list[float]:
@@ -686,6 +705,7 @@ def _head_error(model: torch.nn.Module) -> float:
 
 __all__ = [
     "WORKER_EXTENSION",
+    "LoadTimes",
     "TensorSpec",
     "WeightSyncConfig",
     "WeightSyncError",

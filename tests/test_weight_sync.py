@@ -367,16 +367,16 @@ async def test_async_swap_matches_fresh_engine_and_transformers(
         assert (await ws.check_head(llm))[0] < 1e-4
         assert await _all(llm, prompts) == fp32_fresh_pert
 
-        paused_back = await ws.reload_weights(llm, ckpts["orig"])
+        back = await ws.reload_weights(llm, ckpts["orig"])
         assert await _all(llm, prompts) == orig  # swapping back restores the original outputs
 
         t0 = time.perf_counter()
-        paused = await ws.reload_weights(llm, ckpts["pert"])
+        times = await ws.reload_weights(llm, ckpts["pert"])
         total = time.perf_counter() - t0
         assert await _all(llm, prompts) == fp32_fresh_pert
         print(
-            f"\nreload (fp32, AsyncLLM): paused {paused:.2f} s / {paused_back:.2f} s, "
-            f"with validation {total:.2f} s"
+            f"\nreload (fp32, AsyncLLM, idle): load {times.load_s:.2f} s / {back.load_s:.2f} s, "
+            f"paused {times.paused_s:.2f} s, with validation {total:.2f} s"
         )
     finally:
         llm.shutdown()
@@ -404,12 +404,12 @@ async def test_async_swap_under_load_and_failures(
             await asyncio.sleep(0.01)
         assert not all(t.done() for t in in_flight)  # the swap really waits for them
         during = [asyncio.create_task(_one(llm, p)) for p in prompts]
-        paused = await swap
+        times = await swap
         old_results = await asyncio.gather(*in_flight)
         assert [t for t, _ in old_results] == orig_long  # all on the old weights
         assert [r for _, r in old_results] == ["length"] * len(prompts)
         assert [t for t, _ in await asyncio.gather(*during)] == fp32_fresh_pert
-        print(f"\nswap with drain=wait under load: paused {paused:.2f} s")
+        print(f"\nswap under load: drain {times.drain_s:.2f} s, load {times.load_s:.2f} s")
 
         # drain="abort": in-flight requests end now; what they produced came from the old weights.
         started = asyncio.Event()
@@ -471,7 +471,7 @@ def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: lis
         assert not ws._worker_in_process(llm)  # default: the worker is another process
         orig = offline_generate(llm, prompts)
         assert all(a != b for a, b in zip(orig, fresh, strict=True))
-        seconds = ws.reload_weights_sync(llm, ckpts["pert"])
+        seconds = ws.reload_weights_sync(llm, ckpts["pert"]).load_s
         assert offline_generate(llm, prompts) == fresh
         ws.reload_weights_sync(llm, ckpts["orig"])
         assert offline_generate(llm, prompts) == orig
@@ -535,7 +535,7 @@ def test_offline_in_process_state_dict_by_reference(
         with torch.no_grad():
             t0 = time.perf_counter()
             ws.load_state_dict_sync(llm, policy.state_dict())
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0  # state_dict() included
         assert offline_generate(llm, prompts) == fp32_fresh_pert
         # Train-like update: the policy's live parameters change, then are loaded again.
         base = AutoModelForCausalLM.from_pretrained(str(ckpts["orig"]), dtype=torch.float32)
