@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 # Short broker timings so a crashed step is redelivered within the test: every tiny step ends
 # well inside STEP_LIMIT_S, and VISIBILITY_S exceeds it (as LoopConfig demands).
-STEP_LIMIT_S = 400
-VISIBILITY_S = 420
+STEP_LIMIT_S = 540
+VISIBILITY_S = 570
 LOOP_ENV = {
     "INSTRUCTLOOP_STEP_TIME_LIMIT_S": str(STEP_LIMIT_S),
     "INSTRUCTLOOP_VISIBILITY_TIMEOUT_S": str(VISIBILITY_S),

@@ -234,7 +234,7 @@ def test_worker_killed_mid_step_resumes_without_redoing_finished_steps(
     assert _live(redis_url) == live_v1
 
     w2 = worker_factory()
-    rec = _wait_state(store, cycle_id, 600)
+    rec = _wait_state(store, cycle_id, 900)
     assert rec.state == "promoted", f"{rec}\n{w2.log()[-4000:]}"
     attempts = {s: rec.steps[s]["attempts"] for s in STEPS}
     assert attempts == {s: 2 if s == "ppo" else 1 for s in STEPS}  # finished steps not redone
