@@ -119,10 +119,13 @@ class RolloutEngine:
         return time.perf_counter() - t0
 
     def load_checkpoint(self, checkpoint_dir: str | Path) -> float:
-        """Load a checkpoint directory of the same architecture into the running engine."""
+        """Load a checkpoint directory of the same architecture into the running engine.
+        Returns seconds taken."""
         from instructloop.weight_sync import reload_weights_sync
 
-        return reload_weights_sync(self.llm, checkpoint_dir)
+        t0 = time.perf_counter()
+        reload_weights_sync(self.llm, checkpoint_dir)
+        return time.perf_counter() - t0
 
     def close(self) -> None:
         """Stop the engine's processes and free its memory."""
