@@ -21,8 +21,9 @@ Pool: prefork with one child by default. The heavy steps run in a subprocess of 
 step can be cancelled, its memory is freed and a multi-GPU launcher can be used), so the pool
 child itself stays light; prefork keeps the worker's main process (broker connection, metrics
 server) alive when a task's process dies, and needs Prometheus' multiprocess mode for the
-task metrics (training/loop_metrics.py). `--pool solo` works too (one process; no hard time
-limit).
+task metrics (training/loop_metrics.py). On GPU machines the same holds: the pool child never
+touches CUDA (only the step's subprocess does), so forking it is safe. `--pool solo` works too
+(one process; no hard time limit).
 
 Configuration comes from `LoopConfig.from_env()`, read when this module is imported, so
 `celery -A training.celery_app worker` works as well as `instructloop worker`.

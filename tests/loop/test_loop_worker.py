@@ -148,11 +148,12 @@ def test_cycle_runs_to_completion_and_promotes(
                         result="passed") == 1.0  # fmt: skip
 
 
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
 def test_failing_step_leaves_live_untouched_and_records_reason(
-    redis_client: Any, redis_url: str, live_v1: str, worker_factory: Any, tmp_path: Path
+    redis_client: Any, redis_url: str, live_v1: str, worker_factory: Any, tmp_path: Path, pool: str
 ) -> None:
     seed_feedback(redis_url, n=4)
-    w = worker_factory()
+    w = worker_factory(pool)
     env = loop_env(redis_url)
     bad = _config_file(tmp_path, reward_model={"lr": -1.0})  # rejected by the RM stage
     res = cli("cycle", "run", "--wait", "--timeout", "300", "--config", str(bad), env=env,
