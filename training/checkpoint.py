@@ -112,19 +112,14 @@ def write_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         state = {k: v.detach().to("cpu", dtype) for k, v in save_state_dict(model).items()}
-        saved_config = model.config
-        old = {k: getattr(saved_config, k, None) for k in ("dtype", "use_cache")}
-        updates = {"dtype": dtype, "use_cache": True, **(config_updates or {})}
-        try:
-            for k, v in updates.items():
-                setattr(saved_config, k, v)
-            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        finally:
-            for k, v in old.items():
-                setattr(saved_config, k, v)
-            for k in config_updates or {}:
-                if k not in old and hasattr(saved_config, k):
-                    delattr(saved_config, k)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+        # save_pretrained writes the in-memory dtype (float32 master weights) into config.json;
+        # the file must declare what is on disk, since vLLM and transformers load by it.
+        cfg_path = tmp / "config.json"
+        saved = json.loads(cfg_path.read_text())
+        saved.update({"dtype": save_dtype, "use_cache": True, **(config_updates or {})})
+        saved.pop("torch_dtype", None)
+        cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         del state
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

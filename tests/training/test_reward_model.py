@@ -1,0 +1,131 @@
+"""Reward model: each response goes through the model once, the batch loss is eq. 1 over the
+explicit pairs, the trained model ranks held-out responses, the bias centres the references on
+0, and plain transformers reads the same reward."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from training_helpers import write_jsonl
+
+from training.common import DataError, encode_prompt_response, split_rows
+from training.config import RewardModelConfig
+from training.losses import kway_ranking_loss
+from training.reward_model import (
+    BIAS_KEY,
+    RewardScorer,
+    group_rewards,
+    load_rankings,
+    reward_pad_token_id,
+    run_reward_model,
+    sequence_rewards,
+)
+
+
+def seq_cls(path: Path) -> Any:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    with torch.no_grad():
+        m.score.weight.normal_(0, 0.5)
+    return m.eval()
+
+
+def test_each_response_is_forwarded_once_and_pairs_come_from_its_scalar(
+    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path
+) -> None:
+    groups = [g for _, g in load_rankings(str(data_dir / "rankings.jsonl"), tiny_tokenizer, 256, 9)]
+    groups = [groups[0], groups[1]]  # K = 4 each, the first with a tie (ranks 1 2 3 3)
+    assert groups[0].ranks == [1, 2, 3, 3]
+    model = seq_cls(tiny_sft.path)
+    pad = reward_pad_token_id(tiny_tokenizer)
+    rows_seen: list[int] = []
+    body = model.model
+    handle = body.register_forward_hook(lambda _m, args, kw, _o: rows_seen.append(
+        kw["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    with torch.no_grad():
+        rewards = group_rewards(model, groups, pad, torch.device("cpu"))
+    handle.remove()
+    # One pass with 4 + 4 rows, not two rows per pair (C(4,2) = 6 pairs, 5 without the tie).
+    assert rows_seen == [8]
+
+    # Each reward equals the same response scored alone (padding does not leak), and the batch
+    # loss equals the mean over the explicit strictly ordered pairs.
+    for g, r in zip(groups, rewards, strict=True):
+        for s, got in zip(g.seqs, r.tolist(), strict=True):
+            ids = torch.tensor([s])
+            with torch.no_grad():
+                alone = sequence_rewards(model, ids, torch.ones_like(ids)).item()
+            assert got == pytest.approx(alone, abs=1e-4)
+        pairs = [
+            (i, j) for i, j in itertools.permutations(range(len(g.ranks)), 2)
+            if g.ranks[i] < g.ranks[j]
+        ]  # fmt: skip
+        explicit = sum(-math.log(torch.sigmoid(r[i] - r[j]).item()) for i, j in pairs) / len(pairs)
+        assert kway_ranking_loss(r, g.ranks).item() == pytest.approx(explicit, abs=1e-5)
+
+
+def test_reward_model_learns_and_is_centred(
+    tiny_rm: Any, tiny_tokenizer: Any, data_dir: Path
+) -> None:
+    m = tiny_rm.manifest
+    assert m["stage"] == "rm" and m["data_snapshot"] == "snap-test-1"
+    assert m["metrics"]["val_accuracy"] >= 0.9  # "more apples is better" is learnable
+    assert m["metrics"]["val_pairs"] > 0
+    norm = m["reward_normalization"]
+    scorer = RewardScorer(tiny_rm.path)
+    assert scorer.bias == pytest.approx(norm["bias"]) and scorer.std == pytest.approx(norm["std"])
+    # The references (best response of each training ranking) score a mean of 0 after the bias.
+    rows = [json.loads(x) for x in (data_dir / "rankings.jsonl").read_text().splitlines()]
+    train, _ = split_rows(rows, 0.25, 0)
+    scores = scorer.score([r["prompt_text"] for r in train], [r["responses"][0] for r in train])
+    assert sum(scores) / len(scores) == pytest.approx(0.0, abs=1e-4)
+    std = (sum(s * s for s in scores) / (len(scores) - 1)) ** 0.5
+    assert std == pytest.approx(norm["std"], rel=1e-3)
+    # Normalised scores (what PPO adds at the last token) are divided by that std.
+    p, best = [train[0]["prompt_text"]], ["apple apple apple"]
+    assert scorer.score(p, best, normalize=True)[0] == pytest.approx(
+        scorer.score(p, best)[0] / norm["std"]
+    )
+
+
+def test_plain_transformers_reads_the_same_reward(
+    tiny_rm: Any, tiny_tokenizer: Any, data_dir: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm.path, dtype=torch.float32)
+    assert model.config.pad_token_id != tiny_tokenizer.eos_token_id  # pooling lands on EOS
+    bias = getattr(model.config, BIAS_KEY)
+    scorer = RewardScorer(tiny_rm.path)
+    row = json.loads((data_dir / "rankings.jsonl").read_text().splitlines()[3])
+    for resp in row["responses"]:
+        ids, _ = encode_prompt_response(tiny_tokenizer, row["prompt_text"], resp, 256)
+        with torch.no_grad():
+            raw = model(torch.tensor([ids])).logits[0, 0].item()
+        assert raw + bias == pytest.approx(scorer.score([row["prompt_text"]], [resp])[0], abs=1e-4)
+
+
+def test_rankings_that_teach_nothing_or_are_malformed_are_refused(
+    tiny_sft: Any, tmp_path: Path
+) -> None:
+    common = dict(model_path=str(tiny_sft.path), output_dir=str(tmp_path / "rm"), progress=False)
+    ties = write_jsonl(tmp_path / "ties.jsonl", [
+        {"prompt_text": f"p{i}", "responses": ["a", "b"], "ranks": [1, 1]} for i in range(4)
+    ])  # fmt: skip
+    with pytest.raises(DataError, match="no ranking with at least one strict preference"):
+        run_reward_model(RewardModelConfig(train_path=str(ties), **common))  # type: ignore[arg-type]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [
+        {"prompt_text": "p", "responses": ["a", "b"], "ranks": [1, 2]},
+        {"prompt_text": "p", "responses": ["a", "b"], "ranks": [1]},
+    ])  # fmt: skip
+    with pytest.raises(DataError, match=r"bad.jsonl:2: ranks"):
+        run_reward_model(RewardModelConfig(train_path=str(bad), **common))  # type: ignore[arg-type]
+    assert not (tmp_path / "rm").exists()
