@@ -101,7 +101,3 @@ def _register_train(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
             "--show-config", action="store_true", help="print every field's default and exit"
         )
         p.set_defaults(func=_train)
-
-    from training import loop_cli
-
-    loop_cli.register(sub)  # worker, beat, cycle run/cancel/status, model register
