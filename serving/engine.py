@@ -305,7 +305,10 @@ class Engine:
         llm = self._llm
         if llm is None or llm.errored or self._restarting:
             raise EngineUnavailable("the engine is restarting; retry shortly")
-        sp = self.sampling_params(params)
+        try:
+            sp = self.sampling_params(params)
+        except ValueError as e:  # vLLM's own checks of the parameters
+            raise EngineRequestError(str(e)) from e
         finished: set[int] = set()
         try:
             prompt = self._engine_input(llm, prompt_token_ids)

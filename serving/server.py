@@ -141,6 +141,10 @@ def check_request(
         t = req.temperature
         if not math.isfinite(t) or not 0.0 <= t <= cfg.max_temperature:
             raise invalid(f"temperature must be 0 to {cfg.max_temperature:g}, got {t:g}")
+        if t == 0.0 and req.n > 1:
+            raise invalid(
+                "n > 1 needs temperature > 0: greedy decoding gives the same candidate n times"
+            )
     if req.HasField("top_p"):
         p = req.top_p
         if not math.isfinite(p) or not 0.0 < p <= 1.0:

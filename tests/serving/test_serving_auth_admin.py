@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import urllib.request
 from pathlib import Path
@@ -112,18 +113,23 @@ async def test_health_and_reflection_need_no_key(served: Served, channel: grpc.a
     err = await rpc_error(h.Check(health_pb2.HealthCheckRequest(service="nope")))
     assert err.code() == grpc.StatusCode.NOT_FOUND
 
-    # Reflection (what grpcurl uses), over a sync channel as its client library wants.
-    with grpc.insecure_channel(served.address) as sync_ch:
-        db = ProtoReflectionDescriptorDatabase(sync_ch)
-        services = set(db.get_services())
-        assert {
-            "instructloop.v1.CompletionService",
-            "instructloop.v1.FeedbackService",
-            "instructloop.v1.ModelService",
-            "grpc.health.v1.Health",
-        } <= services
-        fd = db.FindFileContainingSymbol("instructloop.v1.CompletionService")
-        assert fd.package == "instructloop.v1"
+    # Reflection (what grpcurl uses). Its client library is sync: run it off the event loop
+    # that serves the server in this process.
+    def reflect() -> tuple[set[str], str]:
+        with grpc.insecure_channel(served.address) as sync_ch:
+            db = ProtoReflectionDescriptorDatabase(sync_ch)
+            services = set(db.get_services())
+            fd = db.FindFileContainingSymbol("instructloop.v1.CompletionService")
+            return services, fd.package
+
+    services, package = await asyncio.to_thread(reflect)
+    assert {
+        "instructloop.v1.CompletionService",
+        "instructloop.v1.FeedbackService",
+        "instructloop.v1.ModelService",
+        "grpc.health.v1.Health",
+    } <= services
+    assert package == "instructloop.v1"
 
 
 def _scrape(url: str) -> str:
@@ -149,7 +155,7 @@ async def test_metrics_endpoint(served: Served, channel: grpc.aio.Channel) -> No
     s = stubs(channel)
     before = _scrape(served.metrics_url)
     resp = await s.completion.Complete(
-        chat(("user", "Say hi."), n=2, max_tokens=6, temperature=0.0), metadata=served.user_md
+        chat(("user", "Say hi."), n=2, max_tokens=6), metadata=served.user_md
     )
     async for _ in s.completion.StreamComplete(HI, metadata=served.user_md):
         pass

@@ -99,7 +99,10 @@ async def test_engine_death_unavailable_not_serving_then_restart(
     s = stubs(channel)
     procs = _engine_core_procs()
     assert procs, "no engine core process found"
-    long = completion_pb2.CompletionRequest(prompt="Tell me a story.", max_tokens=1500)
+    # Greedy counting runs long: the request is in flight when the engine dies.
+    long = completion_pb2.CompletionRequest(
+        prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", max_tokens=1500, temperature=0.0
+    )
     call = s.completion.StreamComplete(long, metadata=served.user_md)
     assert (await call.read()) is not grpc.aio.EOF
     for p in procs:

@@ -43,9 +43,11 @@ async def side_server(served: Served, private_redis: RedisProcess) -> AsyncItera
         yield s
 
 
-def _restart(proc: RedisProcess) -> None:
+def _restart(proc: RedisProcess, down_s: float = 0.0) -> None:
     port = proc.port
     proc.stop(kill=True)  # SIGKILL: no shutdown save, only what AOF fsynced survives
+    # Down for longer than the store's own reconnect retries, so some writes fail.
+    time.sleep(down_s)
     proc.port = port
     proc.start()
 
@@ -154,7 +156,7 @@ async def test_redis_crash_during_feedback_stream_loses_no_ack(
         writers = [asyncio.create_task(writer(w)) for w in range(8)]
         await asyncio.sleep(1.5)
         n_before = len(acked)
-        await asyncio.to_thread(_restart, private_redis)
+        await asyncio.to_thread(_restart, private_redis, 1.0)
         await asyncio.gather(*writers)
 
     assert n_before > 0 and len(acked) > n_before, (n_before, len(acked))

@@ -29,6 +29,7 @@ CASES = [
     ("max_tokens huge", Req(prompt="hi", max_tokens=10**9), "exceeds the model's context"),
     ("temperature < 0", Req(prompt="hi", temperature=-0.5), "temperature must be 0 to 2"),
     ("temperature nan", Req(prompt="hi", temperature=float("nan")), "temperature"),
+    ("greedy n>1", Req(prompt="hi", n=2, temperature=0.0), "n > 1 needs temperature > 0"),
     ("top_p 0", Req(prompt="hi", top_p=0.0), "top_p must be in (0, 1]"),
     ("top_p > 1", Req(prompt="hi", top_p=1.5), "top_p must be in (0, 1]"),
     ("seed < 0", Req(prompt="hi", seed=-1), "seed must be 0 to"),
