@@ -201,6 +201,9 @@ class Engine:
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()
+            # AsyncLLM.__del__ calls shutdown() again, possibly at interpreter exit when vLLM's
+            # module globals are gone (a TypeError printed on every exit); once is enough.
+            llm.shutdown = lambda *a, **k: None
 
     @property
     def alive(self) -> bool:

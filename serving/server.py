@@ -904,17 +904,19 @@ class InstructloopServer:
             return
         self._stopped = True
         grace = self.config.shutdown_grace_s if grace is None else grace
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
-            self._server = None
+        # The supervisor goes first: an engine that dies while we stop (Ctrl-C in a terminal
+        # reaches the engine process too) must not be restarted.
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
             with contextlib.suppress(BaseException):
                 await t
         self._tasks.clear()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self.health.enter_graceful_shutdown()
+            await self._server.stop(grace)
+            self._server = None
         self.metrics.stop()
         if self._own_engine and self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)

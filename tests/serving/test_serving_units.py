@@ -74,3 +74,24 @@ def test_check_request_limits_follow_config() -> None:
     req = completion_pb2.CompletionRequest(prompt="hi", n=5)
     with pytest.raises(RpcFailure, match="n must be 1 to 4"):
         check_request(req, ServerConfig(max_n=4), StoreConfig())
+
+
+def test_alert_rules_use_metrics_that_exist() -> None:
+    """deploy/prometheus/alerts.yml refers only to series serving/metrics.py exports."""
+    import re
+
+    import yaml
+
+    from serving.metrics import ServerMetrics
+
+    m = ServerMetrics()
+    m.requests.labels("Complete", "OK").inc()
+    m.redis_write_errors.labels("log_completion").inc()
+    m.set_served_model("v1", "/m", "r")
+    m.ttft.observe(0.1)
+    names = {s.name for fam in m.registry.collect() for s in fam.samples}
+    root = Path(__file__).resolve().parents[2]
+    rules = yaml.safe_load((root / "deploy/prometheus/alerts.yml").read_text())
+    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    used = {n for e in exprs for n in re.findall(r"\binstructloop_[a-z_]+", e)}
+    assert used and used <= names, used - names

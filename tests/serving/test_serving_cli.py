@@ -1,0 +1,109 @@
+"""`instructloop up` as a user runs it: a real process with its own engine and a private Redis
+(AOF, appendfsync always) in the data directory; Ctrl-C (SIGINT) stops everything."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from instructloop.redis_server import free_port
+from instructloop.v1 import completion_pb2, completion_pb2_grpc, model_pb2, model_pb2_grpc
+
+
+def test_cli_help_lists_the_verbs() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "instructloop", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "serve" in out and "up" in out
+    out = subprocess.run(
+        [sys.executable, "-m", "instructloop", "serve", "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for flag in ("--model", "--grpc-port", "--metrics-port", "--redis-url", "--kv-cache-space-gib"):
+        assert flag in out
+
+
+def test_serve_refuses_half_a_tls_pair(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, "-m", "instructloop", "serve", "--tls-cert", str(tmp_path / "c.pem")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 2 and "both --tls-cert and --tls-key" in p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.engine
+def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
+    port, mport = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(
+        INSTRUCTLOOP_DATA_DIR=str(tmp_path / "data"),
+        INSTRUCTLOOP_API_KEYS="cli-user",
+        INSTRUCTLOOP_ADMIN_KEYS="cli-admin",
+    )
+    log = (tmp_path / "up.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "instructloop", "up", "--model", str(model_dir),
+         "--grpc-port", str(port), "--metrics-port", str(mport), "--kv-cache-space-gib", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            deadline = time.monotonic() + 600
+            while True:
+                assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "not SERVING in time"
+                try:
+                    r = health_pb2_grpc.HealthStub(ch).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                    if r.status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(1)
+            resp = completion_pb2_grpc.CompletionServiceStub(ch).Complete(
+                completion_pb2.CompletionRequest(prompt="Hello", max_tokens=3),
+                metadata=[("authorization", "Bearer cli-user")],
+            )
+            assert resp.logged
+            sm = model_pb2_grpc.ModelServiceStub(ch).GetServingModel(
+                model_pb2.GetServingModelRequest(), metadata=[("authorization", "Bearer cli-admin")]
+            )
+            assert sm.model.version == resp.model_version == sm.live_version
+        text = (tmp_path / "up.log").read_text()
+        assert f"gRPC: 127.0.0.1:{port}" in text and "metrics: http://" in text
+        redis_url = next(
+            line.split("redis: ", 1)[1].strip()
+            for line in text.splitlines()
+            if "redis: redis://" in line
+        )
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        assert r.hget(f"il:cmpl:{resp.completion_id}", "record")
+        assert r.config_get("appendfsync")["appendfsync"] == "always"
+        r.close()
+        assert list((tmp_path / "data" / "redis").rglob("*.aof*"))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        try:
+            rc = proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            rc = proc.wait()
+        log.close()
+    text = (tmp_path / "up.log").read_text()
+    assert rc == 0, text[-3000:]
+    assert "redis: stopping" in text
+    from instructloop.redis_server import is_reachable
+
+    assert not is_reachable(redis_url)
