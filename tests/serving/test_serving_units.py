@@ -65,7 +65,7 @@ def test_authenticator_roles() -> None:
 def test_check_request_accepts_a_good_request() -> None:
     req = completion_pb2.CompletionRequest(
         messages=[completion_pb2.ChatMessage(role="user", content="hi")],
-        n=16, max_tokens=5, temperature=0.0, top_p=1.0, seed=0, stop=["a"] * 8,
+        n=16, max_tokens=5, temperature=0.7, top_p=1.0, seed=0, stop=["a"] * 8,
     )  # fmt: skip
     check_request(req, ServerConfig(), StoreConfig())
 
