@@ -189,6 +189,18 @@ def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractC
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def adamw(params: Any, *, lr: float = 1e-3, betas: tuple[float, float], weight_decay: float) -> Any:
+    """AdamW, fused where torch has a fused kernel for the device (CPU and CUDA in torch >= 2.4:
+    several times faster than the per-tensor loop on a 135M model). With parameter groups, each
+    group's own "lr" wins over `lr`."""
+    import torch
+
+    try:
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
 def model_dtype_name(model_path: str | Path) -> str:
     """The dtype a HF directory's config declares ("bfloat16" when it says nothing)."""
     try:

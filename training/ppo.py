@@ -38,6 +38,7 @@ from training.checkpoint import CheckpointInfo, save_state_dict, write_checkpoin
 from training.common import (
     DataError,
     MetricsLog,
+    adamw,
     autocast,
     data_snapshot_of,
     default_log_path,
@@ -587,7 +588,7 @@ def run_ppo(
         )
     trainable = [p for p in actor.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
+    opt = adamw(
         [{"params": trainable, "lr": cfg.lr}, {"params": critic_params, "lr": cfg.critic_lr}],
         betas=cfg.adam_betas,
         weight_decay=cfg.weight_decay,

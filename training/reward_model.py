@@ -31,6 +31,7 @@ from training.checkpoint import CheckpointInfo, write_checkpoint
 from training.common import (
     DataError,
     MetricsLog,
+    adamw,
     autocast,
     data_snapshot_of,
     default_log_path,
@@ -240,7 +241,7 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
     head_params = list(head.parameters())
     head_ids = {id(p) for p in head_params}
     body_params = [p for p in model.parameters() if id(p) not in head_ids]
-    opt = torch.optim.AdamW(
+    opt = adamw(
         [
             {"params": body_params, "lr": cfg.lr},
             {"params": head_params, "lr": cfg.head_lr or cfg.lr},

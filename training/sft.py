@@ -20,6 +20,7 @@ from training.checkpoint import CheckpointInfo, write_checkpoint
 from training.common import (
     DataError,
     MetricsLog,
+    adamw,
     add_residual_dropout,
     autocast,
     data_snapshot_of,
@@ -109,8 +110,8 @@ def run_sft(cfg: SFTConfig) -> CheckpointInfo:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     add_residual_dropout(model, cfg.residual_dropout)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+    opt = adamw(
+        list(model.parameters()), lr=cfg.lr, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
     )
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
