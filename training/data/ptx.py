@@ -14,8 +14,10 @@ ptx term never trained on.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from training.data.constraints import SUBJECTS, ConstraintConfig, Split, split_of
@@ -42,7 +44,7 @@ class PtxConfig:
 
     samples_per_prompt: int = 1
     temperature: float = 1.0  # the policy's own distribution, not its mode
-    max_tokens: int = 192
+    max_tokens: int = 128
 
 
 def generate_ptx(
@@ -64,3 +66,28 @@ def generate_ptx(
         for c in cs
         if c.text.strip()
     ]
+
+
+def write_shipped_corpus(model_dir: str, out_dir: str, cfg: PtxConfig | None = None) -> None:
+    """Regenerate data/files/ptx_{train,heldout}.jsonl from `model_dir` (the default model)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with Sampler(model_dir) as s:
+        for split in ("train", "heldout"):
+            rows = generate_ptx(s, split, cfg)  # type: ignore[arg-type]
+            path = out / f"ptx_{split}.jsonl"
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            print(f"{path}: {len(rows)} texts")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from instructloop.paths import default_model_dir
+
+    ap = argparse.ArgumentParser(description="Regenerate the shipped ptx corpus.")
+    ap.add_argument("--model", default=str(default_model_dir()))
+    ap.add_argument("--out-dir", default=str(Path(__file__).parent / "files"))
+    ap.add_argument("--max-tokens", type=int, default=PtxConfig.max_tokens)
+    a = ap.parse_args()
+    write_shipped_corpus(a.model, a.out_dir, PtxConfig(max_tokens=a.max_tokens))
