@@ -8,6 +8,7 @@ reuse it for every batch, and `close()` it (or use `with`) to free its memory.
 from __future__ import annotations
 
 import gc
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,13 +23,23 @@ class SamplerConfig:
     """vLLM engine settings for offline sampling on this project's machines."""
 
     dtype: str = "auto"  # the checkpoint's own dtype
-    max_model_len: int = 2048
+    # Context length; None = the model's own (max_position_embeddings), at most 2048.
+    max_model_len: int | None = None
     # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = 1
     # GPU memory share when on CUDA (small: the trainer shares the device).
     gpu_memory_utilization: float = 0.3
     # Engine-level seed only: per-request seeds killed the CPU engine under load (ENV-NOTES).
     seed: int = 0
+
+
+def _context_length(model_dir: str, cap: int = 2048) -> int:
+    """The model's max_position_embeddings (vLLM refuses more), capped: prompts here are short."""
+    try:
+        cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        return min(cap, int(cfg.get("max_position_embeddings") or cap))
+    except (OSError, ValueError, TypeError):
+        return cap
 
 
 def chat_prompt_text(tokenizer: Any, prompt: str | Messages) -> str:
@@ -65,7 +76,7 @@ class Sampler:
         self.llm: Any = LLM(
             model=self.model_dir,
             dtype=dtype,
-            max_model_len=self.cfg.max_model_len,
+            max_model_len=self.cfg.max_model_len or _context_length(self.model_dir),
             enforce_eager=True,
             seed=self.cfg.seed,
             gpu_memory_utilization=self.cfg.gpu_memory_utilization,
