@@ -242,8 +242,9 @@ class PPOConfig(StageConfig):
 
     # -- memory
     use_lora: bool = False
-    """Train LoRA adapters (peft) instead of all weights; the reference is then the actor with
-    adapters disabled (no second copy), and the saved checkpoint has the adapters merged."""
+    """Train LoRA adapters (peft) instead of all weights (actor and critic); when the reference is
+    the policy itself, it is the actor with adapters disabled (no second copy). The saved
+    checkpoint has the adapters merged (a plain model for vLLM and transformers)."""
     lora_r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
@@ -263,6 +264,10 @@ class PPOConfig(StageConfig):
     vllm_max_model_len: int | None = None
     """Engine context length; None = max_prompt_length + max_new_tokens."""
 
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the policy's weights, updated after every PPO step,
+    and save it instead of the last weights (paper: 0.992); rollouts always use the live
+    weights. None = off (over a few dozen steps an EMA of 0.992 stays near the start)."""
     save_every: int = 0
     """Also write `<output_dir>.step<N>` checkpoints every N PPO steps; 0 = only the final one."""
 
@@ -415,6 +420,7 @@ def validate(cfg: StageConfig) -> None:
             "give reward_model_path or reward_fn, not both",
         )
         need(cfg.gamma_ptx == 0 or bool(cfg.ptx_path), "gamma_ptx > 0 needs ptx_path")
+        need(cfg.ema_decay is None or 0.0 < cfg.ema_decay < 1.0, "ema_decay must be in (0, 1)")
 
 
 def config_to_dict(cfg: StageConfig) -> dict[str, Any]:

@@ -372,7 +372,7 @@ def make_batch(
     critic.eval()
     with torch.no_grad(), autocast(device, cfg.mixed_precision):
         batch.logprobs, _ = policy_logprobs(actor, batch, cfg.temperature)
-        if reference is None:  # LoRA: the reference is the actor without its adapters
+        if reference is None:  # LoRA on the reference: the actor without its adapters
             with actor.disable_adapter():
                 batch.ref_logprobs, _ = policy_logprobs(actor, batch, cfg.temperature)
         else:
@@ -494,11 +494,13 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
     actor = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
     actor.config.use_cache = False
     reference = None
-    if not cfg.use_lora:
-        reference = AutoModelForCausalLM.from_pretrained(
-            resolve_model_path(cfg.reference_path or policy_path), dtype=torch.float32
-        ).to(device)
-        reference.eval().requires_grad_(False)
+    reference_path = resolve_model_path(cfg.reference_path or policy_path)
+    # With LoRA and the policy as reference, the frozen base under the adapters IS the
+    # reference: no second copy. A different reference model is loaded as such.
+    same = Path(reference_path).resolve() == Path(policy_path).resolve()
+    if not (cfg.use_lora and same):
+        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
+        reference.to(device).eval().requires_grad_(False)
     scorer = None
     if cfg.reward_model_path:
         scorer = RewardScorer(
@@ -623,6 +625,9 @@ def run_ppo(
     nan_streak = 0
     last: dict[str, float] = {}
     history: list[dict[str, float]] = []
+    ema = None
+    if cfg.ema_decay:
+        ema = {k: v.detach().clone() for k, v in policy_state_dict(actor).items()}
     try:
         # A reused engine may hold other weights: start from exactly the actor's.
         if not own_engine:
@@ -707,7 +712,11 @@ def run_ppo(
                 nan_streak = nan_streak + 1 if upd["skipped_minibatches"] else 0
 
                 # 6. the rollout engine gets the new weights
-                row["sync_seconds"] = engine.load_state_dict(policy_state_dict(actor))
+                weights = policy_state_dict(actor)
+                row["sync_seconds"] = engine.load_state_dict(weights)
+                if ema is not None:  # θ_ema <- d·θ_ema + (1 - d)·θ
+                    for k, v in weights.items():
+                        ema[k].lerp_(v.detach(), 1.0 - float(cfg.ema_decay or 0.0))
                 mlog.log(step, row, show=("reward", "kl", "response_length"))
                 mlog.advance()
                 last = {k: float(v) for k, v in row.items() if isinstance(v, int | float)}
@@ -725,6 +734,7 @@ def run_ppo(
                         stop,
                         log_path,
                         out=f"{cfg.output_dir}.step{step}",
+                        weights=ema,
                     )
     finally:
         if own_engine:
@@ -736,7 +746,9 @@ def run_ppo(
         "first_reward": history[0]["reward"] if history else float("nan"),
         "final_reward": history[-1]["reward"] if history else float("nan"),
     }
-    return _save(cfg, actor, tok, policy_path, metrics, stop, log_path, out=cfg.output_dir)
+    return _save(
+        cfg, actor, tok, policy_path, metrics, stop, log_path, out=cfg.output_dir, weights=ema
+    )
 
 
 def _save(
@@ -749,18 +761,21 @@ def _save(
     log_path: Path,
     *,
     out: str,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> CheckpointInfo:
     import torch
 
     model = actor
-    if hasattr(actor, "get_base_model"):
-        # A merged plain copy for saving; training (save_every) goes on with the adapters.
+    if weights is None and hasattr(actor, "get_base_model"):
+        weights = policy_state_dict(actor)  # LoRA merged
+    if weights is not None:
+        # A plain copy for saving (EMA or merged LoRA); training (save_every) goes on as it was.
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32)
-        missing, unexpected = model.load_state_dict(policy_state_dict(actor), strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
         if unexpected or [k for k in missing if k != "lm_head.weight"]:
-            raise RuntimeError(f"merging LoRA: missing {missing}, unexpected {unexpected}")
+            raise RuntimeError(f"saving the policy: missing {missing}, unexpected {unexpected}")
     return write_checkpoint(
         out,
         model=model,

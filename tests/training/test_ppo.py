@@ -345,7 +345,7 @@ def test_ppo_ptx_with_reward_model_and_lora(
 
     cfg = run_cfg(
         tmp_path, tiny_sft, data_dir, reward_model_path=str(tiny_rm.path), gamma_ptx=0.5,
-        ptx_path=str(data_dir / "ptx.jsonl"), use_lora=True, lora_r=4, lr=5e-2,
+        ptx_path=str(data_dir / "ptx.jsonl"), use_lora=True, lora_r=4, lr=5e-3, kl_stop=None,
         parent_version="v7",
     )  # fmt: skip
     info = run_ppo(cfg, engine=rollout_engine)
@@ -375,3 +375,23 @@ def test_kl_blow_up_stops_the_run(
     assert stop is not None and stop["reason"] == "kl" and stop["step"] == 2
     assert stop["kl_k3"] > 1e-3
     assert info.manifest["metrics"]["steps"] == 1
+
+
+@pytest.mark.slow
+def test_ema_weights_are_saved_while_rollouts_use_the_live_policy(
+    tmp_path: Path, tiny_sft: Any, data_dir: Path, tiny_tokenizer: Any, rollout_engine: Any
+) -> None:
+    """ema_decay (paper: 0.992) near 1: the saved policy stays at the SFT weights while the
+    engine, which samples from the live policy, has moved on."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_cfg(tmp_path, tiny_sft, data_dir, lr=5e-2, total_episodes=16, ema_decay=1 - 1e-6)
+    info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
+    saved = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
+    sft = AutoModelForCausalLM.from_pretrained(tiny_sft.path, dtype=torch.float32)
+    for (name, a), (_, b) in zip(saved.named_parameters(), sft.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    prompts = greedy_prompts(data_dir, tiny_tokenizer)
+    assert vllm_greedy(rollout_engine, prompts, GREEDY_TOKENS) != hf_greedy(
+        sft, prompts, GREEDY_TOKENS
+    )
