@@ -234,9 +234,10 @@ class PPOConfig(StageConfig):
     so length runaway does not pay (TRL recommends it); 0 = off."""
 
     # -- guards
-    kl_stop: float | None = 10.0
-    """Stop training when a rollout's mean per-sequence KL to the reference (k3, ≥ 0) passes
-    this; the manifest records the stop. None = never."""
+    kl_stop: float | None = 30.0
+    """Stop training when a rollout's mean per-sequence KL to the reference (k3 estimate, nats,
+    ≥ 0) passes this: a blow-up, not the few nats a healthy run drifts. The manifest records
+    the stop and the checkpoint is the policy that produced that rollout. None = never."""
     max_nan_skips: int = 3
     """Consecutive non-finite losses whose step is skipped before the run stops."""
 
