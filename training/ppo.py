@@ -353,21 +353,12 @@ def make_batch(
     for i, r in enumerate(rollouts):
         resp[i, : len(r.response_ids)] = torch.tensor(r.response_ids, device=device)
         mask[i, : len(r.response_ids)] = 1.0
-    zeros = torch.zeros_like(mask)
+    zero = torch.zeros_like(mask)  # filled in below
     batch = RolloutBatch(
-        ids,
-        attn,
-        qlens,
-        resp,
-        mask,
-        zeros,
-        zeros,
-        zeros,
-        zeros,
-        zeros,
-        zeros,
-        torch.tensor(scores, device=device, dtype=torch.float32),
-    )
+        input_ids=ids, attention_mask=attn, query_lens=qlens, response_ids=resp, mask=mask,
+        logprobs=zero, ref_logprobs=zero, values=zero, rewards=zero, advantages=zero,
+        returns=zero, scores=torch.tensor(scores, device=device, dtype=torch.float32),
+    )  # fmt: skip
     actor.eval()
     critic.eval()
     with torch.no_grad(), autocast(device, cfg.mixed_precision):
@@ -385,11 +376,15 @@ def make_batch(
     )
     adv, batch.returns = gae(batch.rewards, batch.values, mask, cfg.gamma, cfg.lam)
     batch.advantages = masked_whiten(adv, mask) if cfg.whiten_advantages else adv
-    log_r = batch.ref_logprobs - batch.logprobs
+
+    def seq_kl(estimator: str) -> float:  # mean over sequences of the per-token sum
+        k = kl_estimate(batch.logprobs, batch.ref_logprobs, estimator)  # type: ignore[arg-type]
+        return (k * mask).sum(1).mean().item()
+
     batch.stats = {
-        "kl": (kl.sum(1)).mean().item(),  # the estimator used in the reward, per sequence
-        "kl_k1": (-(log_r) * mask).sum(1).mean().item(),
-        "kl_k3": ((torch.expm1(log_r.clamp(max=20)) - log_r) * mask).sum(1).mean().item(),
+        "kl": (kl.sum(1)).mean().item(),  # the estimator used in the reward
+        "kl_k1": seq_kl("k1"),
+        "kl_k3": seq_kl("k3"),
         "nonscore_reward": (-cfg.kl_coef * kl).sum(1).mean().item(),
         "value_mean": masked_mean(batch.values, mask).item(),
         "advantage_mean_raw": masked_mean(adv, mask).item(),
@@ -420,8 +415,9 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_length: int) -> list[tupl
 def ptx_stream(
     path: str, tokenizer: Any, max_length: int, batch_size: int, seed: int, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of the ptx corpus ({"text"} rows), its own RNG so that plain PPO
-    (γ_ptx = 0, never drawn from) runs exactly as without a corpus."""
+    """Endless shuffled batches of the ptx corpus ({"text"} rows), with its own RNG so that plain
+    PPO (γ_ptx = 0, never drawn from) runs exactly as without a corpus. The file is read and
+    checked here, before any batch is asked for."""
     texts = [r["text"] for r in read_jsonl(path, required=("text",)) if str(r["text"]).strip()]
     seqs = [tokenizer(t)["input_ids"][:max_length] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
@@ -429,15 +425,19 @@ def ptx_stream(
         raise DataError(f"{path}: no text of at least 2 tokens")
     pad = tokenizer.pad_token_id
     rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        chunk = []
-        for _ in range(batch_size):
-            if not order:  # a fresh shuffled pass over the corpus
-                order = list(range(len(seqs)))
-                rng.shuffle(order)
-            chunk.append(seqs[order.pop()])
-        yield pad_batch(chunk, pad, device)
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order: list[int] = []
+        while True:
+            chunk = []
+            for _ in range(batch_size):
+                if not order:  # a fresh shuffled pass over the corpus
+                    order = list(range(len(seqs)))
+                    rng.shuffle(order)
+                chunk.append(seqs[order.pop()])
+            yield pad_batch(chunk, pad, device)
+
+    return batches()
 
 
 def resolve_reward_fn(spec: str) -> RewardFn:
@@ -577,10 +577,8 @@ def run_ppo(
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
 
-    actor, reference, critic, scorer, policy_path = load_models(cfg, device)
-    tok = load_tokenizer(policy_path)
-    if scorer is not None and scorer.tokenizer.get_vocab() != tok.get_vocab():
-        raise ConfigError("the reward model's tokenizer differs from the policy's")
+    # Data first: a bad file fails before any model is loaded.
+    tok = load_tokenizer(resolve_model_path(cfg.policy_path))
     prompts = load_prompts(cfg.prompts_path, tok, cfg.max_prompt_length)
     ptx = None
     if cfg.gamma_ptx > 0:
@@ -588,6 +586,9 @@ def run_ppo(
         ptx = ptx_stream(
             cfg.ptx_path, tok, cfg.ptx_max_length, cfg.ptx_batch_size, cfg.seed + 1, device
         )
+    actor, reference, critic, scorer, policy_path = load_models(cfg, device)
+    if scorer is not None and scorer.tokenizer.get_vocab() != tok.get_vocab():
+        raise ConfigError("the reward model's tokenizer differs from the policy's")
     trainable = [p for p in actor.parameters() if p.requires_grad]
     critic_params = [p for p in critic.parameters() if p.requires_grad]
     opt = adamw(

@@ -20,6 +20,7 @@ from training_helpers import (
     vllm_greedy,
 )
 
+from training.common import DataError
 from training.config import ConfigError, PPOConfig
 from training.losses import ptx_loss
 from training.ppo import (
@@ -260,6 +261,14 @@ def test_bad_configs_are_refused(tmp_path: Path, data_dir: Path, tiny_sft: Any) 
         run_ppo(PPOConfig(**common, gamma_ptx=0.0))
     with pytest.raises(ConfigError, match="not both"):
         run_ppo(PPOConfig(**common, gamma_ptx=0.0, reward_fn="a:b", reward_model_path="x"))
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt_text": "ok"}\n{"completion": "no prompt"}\n')
+    with pytest.raises(DataError, match=r"prompts.jsonl:2: no prompt"):
+        run_ppo(PPOConfig(**{**common, "prompts_path": str(bad)}, gamma_ptx=0.0), apple_fraction)
+    empty_ptx = tmp_path / "ptx.jsonl"
+    empty_ptx.write_text('{"text": " "}\n')
+    with pytest.raises(DataError, match="no text"):
+        run_ppo(PPOConfig(**common, gamma_ptx=1.0, ptx_path=str(empty_ptx)), apple_fraction)
     (tmp_path / "out").mkdir()
     with pytest.raises(ConfigError, match="exists"):
         run_ppo(PPOConfig(**common, gamma_ptx=0.0), apple_fraction)
