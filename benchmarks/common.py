@@ -48,6 +48,8 @@ def machine() -> dict[str, object]:
         "memory_gib": mem_gib,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        # Other work on the machine skews every figure; record how busy it was.
+        "loadavg_1m": os.getloadavg()[0],
     }
 
 
