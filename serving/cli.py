@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -189,6 +190,36 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
+def _start_loop(redis_url: str, metrics_port: int) -> list[subprocess.Popen[bytes]]:
+    """The training worker and beat as child processes (the server never imports training)."""
+    env = {**os.environ, "REDIS_URL": redis_url}
+    cmds = {
+        "worker": [sys.executable, "-m", "instructloop", "worker",
+                   "--metrics-port", str(metrics_port)],
+        "beat": [sys.executable, "-m", "instructloop", "beat"],
+    }  # fmt: skip
+    procs = []
+    for name, cmd in cmds.items():
+        proc = subprocess.Popen(cmd, env=env)
+        _say(f"{name}: started (pid {proc.pid})")
+        procs.append(proc)
+    return procs
+
+
+def _stop_loop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()  # Celery's warm shutdown: the running task finishes or is requeued
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if procs:
+        _say("worker, beat: stopped")
+
+
 def _up(args: argparse.Namespace) -> int:
     """Everything on one machine: Redis (unless REDIS_URL), the default model, the server."""
     from instructloop.model_init import ModelInitError, init_default_model
@@ -198,6 +229,7 @@ def _up(args: argparse.Namespace) -> int:
 
     _logging()
     redis_proc: RedisProcess | None = None
+    loop_procs: list[subprocess.Popen[bytes]] = []
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
     try:
         if redis_url:
@@ -219,6 +251,8 @@ def _up(args: argparse.Namespace) -> int:
                 return 1
         cfg = _config_from_args(args, redis_url=redis_url)
         cfg.validate()
+        if not args.no_loop:
+            loop_procs = _start_loop(redis_url, args.worker_metrics_port)
 
         def ready(server: Any) -> None:
             _say(f"data directory: {data_dir()}")
@@ -232,6 +266,7 @@ def _up(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        _stop_loop(loop_procs)
         if redis_proc is not None:
             _say("redis: stopping")
             redis_proc.stop()
@@ -251,13 +286,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
     up = sub.add_parser(
         "up",
-        help="run everything on this machine (Redis, default model, server)",
+        help="run everything on this machine (Redis, default model, server, worker, beat)",
         description="Use REDIS_URL if set, else start a private redis-server with AOF "
         "(appendfsync always) in the data directory; build the default model if missing; "
-        "serve. Ctrl-C stops everything.",
+        "start the training worker and beat; serve. Ctrl-C stops everything.",
     )
     _add_server_args(up)
     up.add_argument(
         "--redis-port", type=int, default=0, help="port of the private Redis (0: a free one)"
+    )
+    up.add_argument(
+        "--no-loop", action="store_true", help="start no training worker and beat (serve only)"
+    )
+    up.add_argument(
+        "--worker-metrics-port", type=int, default=9109, help="the worker's Prometheus port"
     )
     up.set_defaults(func=_up)

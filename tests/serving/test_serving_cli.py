@@ -53,7 +53,8 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
     log = (tmp_path / "up.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "instructloop", "up", "--model", str(model_dir),
-         "--grpc-port", str(port), "--metrics-port", str(mport), "--kv-cache-space-gib", "1"],
+         "--grpc-port", str(port), "--metrics-port", str(mport), "--kv-cache-space-gib", "1",
+         "--worker-metrics-port", str(free_port())],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -104,6 +105,8 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
     text = (tmp_path / "up.log").read_text()
     assert rc == 0, text[-3000:]
     assert "redis: stopping" in text
+    assert "worker: started" in text and "beat: started" in text
+    assert "worker, beat: stopped" in text
     from instructloop.redis_server import is_reachable
 
     assert not is_reachable(redis_url)
