@@ -17,7 +17,9 @@ r_θ(x, y) is the policy's backbone with a scalar head (transformers'
 Loading outside this module: `AutoModelForSequenceClassification.from_pretrained(dir)` gives the
 raw head output; add `config.instructloop_reward_bias` (RewardScorer does). The config's
 pad_token_id is set to a token other than EOS where the tokenizer has one, so transformers'
-own pooling ("last non-pad token") also reads the reward at the EOS.
+own pooling ("last non-pad token") also reads the reward at the EOS. vLLM serves the directory
+as a pooling model (`LLM(dir, runner="pooling").classify(...)`): it returns σ(raw score), so the
+reward is logit(p) + bias (tests/training/test_checkpoints.py checks this).
 """
 
 from __future__ import annotations
