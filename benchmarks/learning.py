@@ -80,6 +80,9 @@ class LearningConfig:
     """PPOConfig overrides shared by both runs; gamma_ptx applies to the PPO-ptx run only."""
     plain_ppo: bool = True
     """Also train plain PPO (γ_ptx = 0) for the alignment-tax comparison."""
+    resume: bool = True
+    """Reuse what an interrupted run with the same work_dir finished (samples, checkpoints);
+    the phase times of a resumed run are those of the run that did the work."""
 
 
 def _log(t0: float, msg: str) -> None:
@@ -92,14 +95,37 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def _sample(
+    cfg: LearningConfig, sft: str, eval_p: list[Any], ranked_p: list[Any], t0: float
+) -> tuple[list[str], list[list[Any]]]:
+    """Greedy answers to the held-out prompts, then K samples (T = 1) per prompt to rank."""
+    from training.data.generation import Sampler
+
+    t = time.time()
+    with Sampler(sft) as s:
+        _log(t0, f"engine up ({time.time() - t:.0f}s); greedy answers to {len(eval_p)} held-out")
+        before = s.sample(
+            [p.prompt for p in eval_p], n=1, temperature=0.0, max_tokens=cfg.eval_max_tokens
+        )
+        _log(t0, f"sampling K={cfg.k} for {len(ranked_p)} prompts")
+        outs = s.sample_full(
+            [p.prompt for p in ranked_p],
+            n=cfg.k,
+            temperature=1.0,
+            max_tokens=cfg.sample_max_tokens,
+        )
+    return [o[0] for o in before], outs
+
+
 def run(cfg: LearningConfig) -> dict[str, Any]:
     import tempfile
 
+    from training.checkpoint import CheckpointError, read_checkpoint
     from training.common import resolve_model_path
     from training.config import PPOConfig, RewardModelConfig, config_from_dict
     from training.data.constraints import accuracy, generate_prompts, score
     from training.data.demonstrations import demonstration_row, pick_demonstration
-    from training.data.generation import Sampler
+    from training.data.generation import Completion
     from training.data.simulated_labeler import rank, write_export
     from training.evaluate import generate_answers, model_lm_loss, read_texts
     from training.ppo import run_ppo
@@ -124,23 +150,29 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     ][: cfg.n_rm_val_prompts]
 
     # -- 2. the SFT policy: held-out answers (before), K samples per prompt, rankings
+    state_path = work / "state.json"
+    state: dict[str, Any] = (
+        json.loads(state_path.read_text()) if cfg.resume and state_path.exists() else {}
+    )
+
+    def save_state(**kw: Any) -> None:
+        state.update(kw)
+        state_path.write_text(json.dumps(state))
+
     t = time.time()
-    with Sampler(sft) as s:
-        _log(t0, f"engine up ({time.time() - t:.0f}s); greedy answers to {len(eval_p)} held-out")
-        before_answers = [
-            o[0]
-            for o in s.sample(
-                [p.prompt for p in eval_p], n=1, temperature=0.0, max_tokens=cfg.eval_max_tokens
-            )
-        ]
-        _log(t0, f"sampling K={cfg.k} for {len(train_p)} train + {len(val_p)} held-out prompts")
-        outs = s.sample_full(
-            [p.prompt for p in train_p + val_p],
-            n=cfg.k,
-            temperature=1.0,
-            max_tokens=cfg.sample_max_tokens,
+    if "samples" in state:
+        _log(t0, "resuming: samples from the previous run")
+        before_answers = state["before_answers"]
+        outs = [[Completion(**c) for c in cs] for cs in state["samples"]]
+        phases.update(state["phases"])
+    else:
+        before_answers, outs = _sample(cfg, sft, eval_p, train_p + val_p, t0)
+        phases["sample_s"] = time.time() - t
+        save_state(
+            before_answers=before_answers,
+            samples=[[dataclasses.asdict(c) for c in cs] for cs in outs],
+            phases=phases,
         )
-    phases["sample_s"] = time.time() - t
     before = accuracy(eval_p, before_answers)
     _log(
         t0,
@@ -173,6 +205,20 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
 
     train_dir = export(train_p, outs[: len(train_p)], "export-train")
     val_dir = export(val_p, outs[len(train_p) :], "export-val")
+    n_demos = len((train_dir / "sft.jsonl").read_text().splitlines())
+
+    def reuse(name: str) -> Any:
+        """A checkpoint a previous run of this work_dir finished, or None."""
+        if not cfg.resume or f"{name}_s" not in state.get("phases", {}):
+            return None
+        try:
+            ck = read_checkpoint(work / name)
+        except CheckpointError:
+            return None
+        _log(t0, f"resuming: {name} from the previous run")
+        phases[f"{name}_s"] = state["phases"][f"{name}_s"]
+        return ck
+
     # Share of constraints the sampled answers meet (the raw material the RM learns from).
     sample_scores = [score(p, c.text) for p, cs in zip(train_p, outs, strict=False) for c in cs]
 
@@ -184,7 +230,8 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             "model_path": sft,
             "train_path": str(train_dir / "rankings.jsonl"),
             "val_path": str(val_dir / "rankings.jsonl"),
-            "reference_path": str(train_dir / "sft.jsonl"),
+            # Demonstrations score 0 on average (paper); none passed: the RM's own default.
+            "reference_path": str(train_dir / "sft.jsonl") if n_demos else None,
             "output_dir": str(work / "rm"),
             "overwrite": True,
             "seed": cfg.seed,
@@ -192,9 +239,12 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             **cfg.rm,
         },
     )
-    _log(t0, "training the reward model")
-    rm = run_reward_model(rm_cfg)
-    phases["rm_s"] = time.time() - t
+    rm = reuse("rm")
+    if rm is None:
+        _log(t0, "training the reward model")
+        rm = run_reward_model(rm_cfg)
+        phases["rm_s"] = time.time() - t
+        save_state(phases=phases)
     _log(t0, f"RM: {rm.metrics}")
 
     # -- 4. PPO-ptx and plain PPO
@@ -220,9 +270,12 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
                 "progress": False,
             },
         )
-        _log(t0, f"{name}: PPO with gamma_ptx={gamma_ptx}")
-        ck = run_ppo(ppo_cfg)
-        phases[f"{name}_s"] = time.time() - t
+        ck = reuse(name)
+        if ck is None:
+            _log(t0, f"{name}: PPO with gamma_ptx={gamma_ptx}")
+            ck = run_ppo(ppo_cfg)
+            phases[f"{name}_s"] = time.time() - t
+            save_state(phases=phases)
         runs[name] = ck
         _log(t0, f"{name}: {ck.metrics}")
 
@@ -241,7 +294,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             f"ptx LM loss {loss[name].nll:.4f} (SFT {loss['sft'].nll:.4f})",
         )
     phases["eval_after_s"] = time.time() - t
-    total = time.time() - t0
+    total = sum(phases.values())  # a resumed run counts the time of the work, not of waiting
 
     main = after["ppo_ptx"]
     rise = {k: (v.nll - loss["sft"].nll) / loss["sft"].nll for k, v in loss.items() if k != "sft"}
@@ -262,7 +315,8 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
         "ptx_lm_loss_rise": rise,
         "sampled_instruction_rate": sum(m for m, _ in sample_scores)
         / max(1, sum(n for _, n in sample_scores)),
-        "seconds": {**phases, "total": total},
+        # total = the phases' sum (equal to the wall time unless the run was resumed).
+        "seconds": {**phases, "total": total, "wall_this_invocation": time.time() - t0},
         "targets": {
             "prompt_level_gain_points>=10": 100 * (main.prompt_level - before.prompt_level) >= 10,
             "ppo_ptx_lm_loss_rise<=2%": rise["ppo_ptx"] <= 0.02,
@@ -318,7 +372,7 @@ def markdown(r: dict[str, Any]) -> str:
         + ", ".join(f"{k} {v:+.2%}" for k, v in r["ptx_lm_loss_rise"].items())
         + " (target for PPO-ptx ≤ +2%).",
         f"- Time: {secs['total'] / 60:.1f} min in all (target ≤ 60): "
-        + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in secs.items() if k != "total")
+        + ", ".join(f"{k[:-2]} {v / 60:.1f}" for k, v in secs.items() if k.endswith("_s"))
         + " min.",
         "- Targets met: "
         + ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in r["targets"].items()),
