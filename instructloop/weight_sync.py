@@ -403,6 +403,7 @@ async def reload_weights(
     *,
     drain: str = "wait",
     config: WeightSyncConfig | None = None,
+    validate: bool = True,
 ) -> LoadTimes:
     """Swap a running AsyncLLM's weights for those in `checkpoint_dir` (a Hugging Face safetensors
     directory of the same architecture).
@@ -412,7 +413,9 @@ async def reload_weights(
     the worker and re-derive tied/prepacked state -> reset the prefix cache -> resume. Requests
     arriving meanwhile queue in the engine and run on the new weights. vLLM's pause mode "keep" is
     refused: kept requests would continue on the new weights over a KV cache from the old ones.
-    Raises WeightSyncError; see its `engine_consistent`.
+    Raises WeightSyncError; see its `engine_consistent`. `validate=False` skips the checks for
+    a caller that has just run `validate_checkpoint` itself (serving's hot swap does, before it
+    drains).
     """
     cfg = config or WeightSyncConfig()
     if drain not in ("wait", "abort"):
@@ -420,7 +423,8 @@ async def reload_weights(
     _check_extension(llm)
     path = str(Path(checkpoint_dir).resolve())
     # Reading headers and building the reference model takes a while; keep the event loop free.
-    await asyncio.to_thread(validate_checkpoint, llm, path)
+    if validate:
+        await asyncio.to_thread(validate_checkpoint, llm, path)
 
     with _locks_guard:
         lock = _async_locks.setdefault(llm, asyncio.Lock())

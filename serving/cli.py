@@ -83,6 +83,28 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--replica-id", default=None, help="name of this replica (host-pid)")
 
+    g = p.add_argument_group("hot swap")
+    g.add_argument(
+        "--follow-live",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="swap to every version the registry makes live (default: on without --model, "
+        "off with it)",
+    )
+    g.add_argument(
+        "--swap-drain-timeout",
+        type=float,
+        default=None,
+        help="seconds in-flight requests may finish on the old weights before they restart "
+        "on the new ones (2)",
+    )
+    g.add_argument(
+        "--swap-poll",
+        type=float,
+        default=None,
+        help="seconds between re-reads of the live version, besides notifications (2)",
+    )
+
 
 def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
     from serving.config import ServerConfig
@@ -109,6 +131,9 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "key_prefix": args.key_prefix,
         "feedback_rate_limit_per_minute": args.feedback_rate_limit,
         "replica_id": args.replica_id,
+        "follow_live": args.follow_live,
+        "swap_drain_timeout_s": args.swap_drain_timeout,
+        "swap_poll_s": args.swap_poll,
     }
     overrides.update(extra)
     cfg = ServerConfig.from_env(**overrides)

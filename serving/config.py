@@ -83,6 +83,23 @@ class ServerConfig:
     engine_restart_backoff_s: float = 2.0
     """Wait before restarting a dead engine (doubles on each failure, up to 60 s)."""
 
+    # --- hot swap ----------------------------------------------------------------------------
+    follow_live: bool | None = None
+    """Swap to every version the registry makes live (serving/hot_swap.py). None: follow when
+    `model` is None (the replica serves the live version), stay pinned when --model names one."""
+    swap_drain_timeout_s: float = 2.0
+    """On a swap, requests in flight get this long to finish on the old weights; the rest are
+    aborted and start again on the new version (a stream is told so). Longer: less work redone,
+    new requests held longer. New requests wait (they are not refused) while a swap runs."""
+    swap_poll_s: float = 2.0
+    """Besides the registry's Pub/Sub notification, the live version is re-read this often, so a
+    missed message (Redis restart, a replica that was away) still converges."""
+    swap_retry_s: float = 30.0
+    """After a failed swap, the same version is tried again this much later (a new one at once)."""
+    swap_verify_fingerprint: bool = True
+    """Hash the checkpoint before loading it and refuse it if it changed since it was registered
+    (0.2 s for the default model)."""
+
     # --- request limits ----------------------------------------------------------------------
     default_max_tokens: int = 256
     """Tokens per candidate when the request leaves max_tokens unset (capped by the context)."""
@@ -122,6 +139,10 @@ class ServerConfig:
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)  # type: ignore[arg-type]
+
+    @property
+    def follows_live(self) -> bool:
+        return self.model is None if self.follow_live is None else self.follow_live
 
     def with_(self, **changes: object) -> ServerConfig:
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -170,6 +191,10 @@ class ServerConfig:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
         if self.cpu_kvcache_space_gib is not None and self.cpu_kvcache_space_gib <= 0:
             raise ConfigError("cpu_kvcache_space_gib must be positive")
+        if self.swap_drain_timeout_s < 0 or self.swap_retry_s < 0:
+            raise ConfigError("swap_drain_timeout_s and swap_retry_s must not be negative")
+        if self.swap_poll_s <= 0:
+            raise ConfigError("swap_poll_s must be positive")
         if self.max_receive_message_bytes < 1024:
             raise ConfigError("max_receive_message_bytes must be at least 1 KiB")
         self.all_keys()

@@ -18,6 +18,22 @@ no offset, the call raises "CPU Generator does not use offset" and the engine co
 (ENV-NOTES). The rewind is only reached for a request whose scheduled tokens stop short of its
 prompt, i.e. a chunked prefill; with chunked prefill off the scheduler always runs a prefill
 whole, so the CPU backend defaults to that (ServerConfig.enable_chunked_prefill).
+
+Hot swap (`Engine.swap`). New weights go into the running engine through
+`instructloop.weight_sync` (vLLM's plain in-place reload is wrong for tied embeddings; see that
+module). What this class adds is the bookkeeping that makes every answer name the version that
+produced ALL of its tokens:
+- a request is *admitted* at one moment, on one version: `generate` yields `Admitted(version)`
+  before any token, and the request counts as in flight until its generator ends;
+- a swap first closes admission (new requests wait in `generate`, not in vLLM's queue), gives
+  the requests in flight `drain_timeout_s` to finish on the old weights, aborts the rest, waits
+  until none is left in flight, and only then loads the new weights and opens admission again
+  with the new version;
+- an aborted request starts again from scratch once admission opens, and `generate` yields
+  `Admitted(new_version, restart=True)` so the caller drops what the first attempt produced.
+No token is generated while old and new requests could share the engine, so none is mixed.
+vLLM's own pause is not relied on for this: its "wait" mode drains only *running* requests and
+keeps queued (or preempted) ones for after the resume, which would mix versions.
 """
 
 from __future__ import annotations
@@ -43,6 +59,45 @@ class EngineUnavailable(RuntimeError):
 
 class EngineRequestError(ValueError):
     """vLLM rejected the request's parameters."""
+
+
+class SwapError(RuntimeError):
+    """A hot swap did not happen; the engine serves the version it served before."""
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The engine took a request on `version`'s weights: every token that follows (up to the
+    next Admitted) comes from them. `restart`: a hot swap aborted the earlier attempt, whose
+    output must be dropped; this attempt starts from scratch."""
+
+    version: str
+    restart: bool = False
+
+
+@dataclass(frozen=True)
+class SwapResult:
+    """What `Engine.swap` did. Times in seconds: `drain_s` waiting for (then aborting) requests
+    in flight, `load_s` loading the weights; admission was closed for `paused_s`."""
+
+    version: str
+    previous: str
+    drain_s: float
+    load_s: float
+    restarted: int
+    """Requests aborted mid-generation and started again on the new version."""
+
+    @property
+    def paused_s(self) -> float:
+        return self.drain_s + self.load_s
+
+
+@dataclass
+class _InFlight:
+    """One admitted engine request (one attempt)."""
+
+    request_id: str
+    swap_aborted: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,6 +188,16 @@ class Engine:
         self._state_lock = asyncio.Lock()
         self._restarting = False
         self.started_at: float | None = None
+        self.serving_since: float = time.time()
+        """When this engine began serving `model_version` (start or last swap)."""
+        # Hot swap bookkeeping (see the module docstring).
+        self._admitting = asyncio.Event()
+        self._admitting.set()
+        self._in_flight: dict[str, _InFlight] = {}
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self._swap_lock = asyncio.Lock()
+        self.swapping = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -181,7 +246,7 @@ class Engine:
         progress(f"engine: starting vLLM on {self.model} (this takes a while)")
         t0 = time.monotonic()
         self._llm = await asyncio.to_thread(self._build_llm)
-        self.started_at = time.time()
+        self.started_at = self.serving_since = time.time()
         progress(f"engine: ready in {time.monotonic() - t0:.0f} s")
         return self
 
@@ -295,23 +360,66 @@ class Engine:
 
     async def generate(
         self, request_id: str, prompt_token_ids: list[int], params: GenerationParams
-    ) -> AsyncIterator[list[ChoiceDelta]]:
-        """Yield lists of per-candidate deltas until every candidate has finished.
+    ) -> AsyncIterator[Admitted | list[ChoiceDelta]]:
+        """Yield `Admitted(version)`, then lists of per-candidate deltas until every candidate
+        has finished. After a hot swap aborted the request, `Admitted(new, restart=True)` and
+        the new attempt's deltas follow (see the module docstring).
 
         One engine request with SamplingParams(n=...) serves all candidates (vLLM fans it out
         and shares the prompt's prefill). If the consumer stops early (client cancelled, deadline
         passed), the engine request is aborted before this generator closes.
         """
-        from vllm.exceptions import VLLMValidationError
-        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
-
-        llm = self._llm
-        if llm is None or llm.errored or self._restarting:
-            raise EngineUnavailable("the engine is restarting; retry shortly")
         try:
             sp = self.sampling_params(params)
         except ValueError as e:  # vLLM's own checks of the parameters
             raise EngineRequestError(str(e)) from e
+        attempt = 0
+        while True:
+            await self._admitting.wait()  # closed only while a swap drains and loads
+            llm = self._llm
+            if llm is None or llm.errored or self._restarting:
+                raise EngineUnavailable("the engine is restarting; retry shortly")
+            rid = request_id if attempt == 0 else f"{request_id}-r{attempt}"
+            slot = _InFlight(rid)
+            self._in_flight[rid] = slot
+            self._drained.clear()
+            held: list[list[ChoiceDelta]] = []  # output after a swap's abort: kept or dropped
+            finish: dict[int, str] = {}
+            try:
+                yield Admitted(self.model_version, restart=attempt > 0)
+                async for deltas in self._run(llm, rid, prompt_token_ids, params, sp):
+                    for d in deltas:
+                        if d.finish_reason is not None:
+                            finish[d.index] = d.finish_reason
+                    if slot.swap_aborted:
+                        held.append(deltas)
+                    else:
+                        yield deltas
+            finally:
+                del self._in_flight[rid]
+                if not self._in_flight:
+                    self._drained.set()
+            if not slot.swap_aborted:
+                return
+            if len(finish) == params.n and "abort" not in finish.values():
+                # The abort came too late to matter: finished on the old weights after all.
+                for deltas in held:
+                    yield deltas
+                return
+            attempt += 1
+
+    async def _run(
+        self,
+        llm: Any,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: GenerationParams,
+        sp: Any,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """One engine request: vLLM outputs as deltas, vLLM errors as ours."""
+        from vllm.exceptions import VLLMValidationError
+        from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
         finished: set[int] = set()
         try:
             prompt = self._engine_input(llm, prompt_token_ids)
@@ -341,6 +449,86 @@ class Engine:
             if len(finished) < params.n and not llm.errored:
                 # Stopped early for any reason: make sure the engine stops too.
                 await self._abort(llm, request_id)
+
+    # --- hot swap ----------------------------------------------------------------------------
+
+    async def swap(
+        self,
+        checkpoint_dir: str,
+        version: str,
+        *,
+        drain_timeout_s: float = 2.0,
+        abort_timeout_s: float = 30.0,
+    ) -> SwapResult | None:
+        """Serve `checkpoint_dir` as `version` from now on, without a restart. None if this
+        engine serves `version` already.
+
+        Validate the checkpoint (nothing changes yet) -> close admission -> wait up to
+        `drain_timeout_s` for the requests in flight to finish on the old weights -> abort the
+        rest (they restart on the new version) and wait up to `abort_timeout_s` until they are
+        gone -> load -> open admission on the new version. Raises SwapError (and
+        weight_sync.WeightSyncError) with the old version still serving.
+        """
+        from instructloop import weight_sync as ws
+
+        async with self._swap_lock:
+            if version == self.model_version:
+                return None
+            llm = self._llm
+            if llm is None or llm.errored or self._restarting:
+                raise SwapError("the engine is not running; the swap waits for it")
+            path = str(Path(checkpoint_dir).resolve())
+            # A bad checkpoint is refused here, before a single request waits for it.
+            await asyncio.to_thread(ws.validate_checkpoint, llm, path)
+            previous = self.model_version
+            t0 = time.perf_counter()
+            self._admitting.clear()
+            self.swapping = True
+            aborted = 0
+            try:
+                if not await self._wait_drained(drain_timeout_s):
+                    for slot in list(self._in_flight.values()):
+                        slot.swap_aborted = True
+                        aborted += 1
+                        with contextlib.suppress(Exception):  # its generator counts the abort
+                            await llm.abort(slot.request_id)
+                    if not await self._wait_drained(abort_timeout_s):
+                        raise SwapError(
+                            f"{len(self._in_flight)} requests still in flight "
+                            f"{abort_timeout_s:g} s after their abort; swap to {version} abandoned"
+                        )
+                drain_s = time.perf_counter() - t0
+                try:
+                    await ws.reload_weights(llm, path, drain="wait", validate=False)
+                except ws.WeightSyncError as e:
+                    if not e.engine_consistent:
+                        # Weights unknown and the engine paused: start it again on the old one.
+                        asyncio.get_running_loop().create_task(self.restart())
+                    raise
+                self.model, self.model_version = path, version
+                self.serving_since = time.time()
+            finally:
+                self.swapping = False
+                self._admitting.set()
+            load_s = time.perf_counter() - t0 - drain_s
+        log.info("swapped %s -> %s: drain %.2f s, load %.2f s, %d restarted",
+                 previous, version, drain_s, load_s, aborted)  # fmt: skip
+        return SwapResult(version, previous, drain_s, load_s, aborted)
+
+    async def _wait_drained(self, timeout_s: float) -> bool:
+        """True once no request is in flight; False if some still are after `timeout_s`."""
+        if not self._in_flight:
+            return True
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout=max(timeout_s, 0.0))
+        except TimeoutError:
+            return not self._in_flight
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not finished (counted per engine request, not per candidate)."""
+        return len(self._in_flight)
 
     @staticmethod
     def _engine_input(llm: Any, prompt_token_ids: list[int]) -> Any:

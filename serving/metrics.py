@@ -113,6 +113,36 @@ class ServerMetrics:
             "Fraction of the KV cache in use (last step).",
             registry=r,
         )
+        # Hot swap (serving/hot_swap.py)
+        self.swaps = Counter(
+            "instructloop_swaps",
+            "Hot swaps of the served model by outcome (ok, failed).",
+            ["outcome"],
+            registry=r,
+        )
+        self.swap_duration = Histogram(
+            "instructloop_swap_duration_seconds",
+            "Hot swap phases: drain (in-flight requests finish or are aborted), load (weights "
+            "into the engine), total (admission closed: new requests wait this long).",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.swap_failed = Gauge(
+            "instructloop_swap_failed",
+            "1 while this replica could not load the live version and serves an older one.",
+            registry=r,
+        )
+        self.behind_live = Gauge(
+            "instructloop_replica_behind_live",
+            "1 while this replica serves another version than the registry's live one.",
+            registry=r,
+        )
+        self.swap_restarted_requests = Counter(
+            "instructloop_swap_restarted_requests",
+            "Requests a hot swap aborted mid-generation and started again on the new version.",
+            registry=r,
+        )
         self._lock = threading.Lock()
         self._model_labels: tuple[str, str, str] | None = None
         self._http: Any = None

@@ -10,7 +10,9 @@ What this layer does, and nothing more:
 - delegates feedback to the store (which validates it, rate-limits it and keeps it idempotent);
 - authenticates (`authorization: Bearer <key>`), counts metrics, serves health and reflection.
 
-Every response and every chunk names the model version of the engine that produced its tokens.
+Every response and every chunk names the model version of the engine that produced its tokens:
+the version a request was admitted on (serving/engine.py). A hot swap (serving/hot_swap.py) that
+restarts a request on the new version resets its candidates; a stream is told with `restarted`.
 """
 
 from __future__ import annotations
@@ -46,12 +48,14 @@ from instructloop.v1 import (
 )
 from serving.config import ConfigError, ServerConfig
 from serving.engine import (
+    Admitted,
     ChoiceDelta,
     Engine,
     EngineRequestError,
     EngineUnavailable,
     GenerationParams,
 )
+from serving.hot_swap import HotSwapper
 from serving.metrics import ServerMetrics
 
 log = logging.getLogger("instructloop.serving")
@@ -240,6 +244,23 @@ class _Candidate:
     finish_reason: str | None = None
     last_at: float | None = None
 
+    def reset(self) -> None:
+        """Forget a swap-aborted attempt's output; the response id stays."""
+        self.text.clear()
+        self.token_ids.clear()
+        self.finish_reason = None
+        self.last_at = None
+
+
+@dataclass
+class _Step:
+    """One step of a completion: its version so far, and this step's deltas (none on
+    admission). `restarted`: the candidates were reset for a new attempt on `version`."""
+
+    version: str
+    deltas: list[ChoiceDelta]
+    restarted: bool = False
+
 
 # --------------------------------------------------------------------------------------------
 # Services
@@ -253,15 +274,24 @@ class _Base:
 
 class CompletionService(_Base, completion_pb2_grpc.CompletionServiceServicer):
     async def _generate(
-        self, p: Prepared, completion_id: str, arrived: float
-    ) -> AsyncIterator[tuple[list[_Candidate], list[ChoiceDelta]]]:
-        """Run the request on the engine; yield (candidates, this step's deltas)."""
+        self, p: Prepared, completion_id: str, arrived: float, cands: list[_Candidate]
+    ) -> AsyncIterator[_Step]:
+        """Run the request on the engine, filling `cands`; yield each step."""
         app = self.app
-        cands = [_Candidate(i, new_id("resp")) for i in range(p.params.n)]
         first = True
+        version = ""
         app.metrics.prompt_tokens.inc(len(p.prompt_token_ids))
         try:
-            async for deltas in app.engine.generate(completion_id, p.prompt_token_ids, p.params):
+            async for ev in app.engine.generate(completion_id, p.prompt_token_ids, p.params):
+                if isinstance(ev, Admitted):
+                    version = ev.version
+                    if ev.restart:
+                        for c in cands:
+                            c.reset()
+                        app.metrics.swap_restarted_requests.inc()
+                    yield _Step(version, [], restarted=ev.restart)
+                    continue
+                deltas = ev
                 now = time.monotonic()
                 for d in deltas:
                     c = cands[d.index]
@@ -277,7 +307,7 @@ class CompletionService(_Base, completion_pb2_grpc.CompletionServiceServicer):
                     c.token_ids.extend(d.token_ids)
                     if d.finish_reason is not None:
                         c.finish_reason = d.finish_reason
-                yield cands, deltas
+                yield _Step(version, deltas)
         except EngineUnavailable as e:
             raise RpcFailure(grpc.StatusCode.UNAVAILABLE, str(e)) from None
         except EngineRequestError as e:
@@ -332,11 +362,11 @@ class CompletionService(_Base, completion_pb2_grpc.CompletionServiceServicer):
         arrived, created = time.monotonic(), time.time()
         app = self.app
         p = await prepare(request, app.engine, app.config, app.store)
-        version = app.engine.model_version
         completion_id = new_id("cmpl")
-        cands: list[_Candidate] = []
-        async for step, _ in self._generate(p, completion_id, arrived):
-            cands = step
+        cands = [_Candidate(i, new_id("resp")) for i in range(p.params.n)]
+        version = ""
+        async for step in self._generate(p, completion_id, arrived, cands):
+            version = step.version
         await self._log(p, completion_id, version, created, cands)
         choices = [
             completion_pb2.Choice(
@@ -366,15 +396,21 @@ class CompletionService(_Base, completion_pb2_grpc.CompletionServiceServicer):
         arrived, created = time.monotonic(), time.time()
         app = self.app
         p = await prepare(request, app.engine, app.config, app.store)
-        version = app.engine.model_version
         completion_id = new_id("cmpl")
-        cands: list[_Candidate] = []
+        cands = [_Candidate(i, new_id("resp")) for i in range(p.params.n)]
+        version = ""
         # A candidate's last delta (the one with its finish_reason) waits for the final chunk,
         # which is sent only after the completion is logged.
         held: dict[int, str] = {}
-        async for cands, deltas in self._generate(p, completion_id, arrived):
+        async for step in self._generate(p, completion_id, arrived, cands):
+            version = step.version
+            if step.restarted:  # the client drops what it has; the new attempt follows
+                held.clear()
+                yield completion_pb2.CompletionChunk(
+                    completion_id=completion_id, model_version=version, restarted=True
+                )
             out = []
-            for d in deltas:
+            for d in step.deltas:
                 if d.finish_reason is not None:
                     held[d.index] = d.text
                 elif d.text:
@@ -496,19 +532,22 @@ class ModelService(_Base, model_pb2_grpc.ModelServiceServicer):
             raise _store_failure(e) from None
         return live.version if live else ""
 
-    async def GetServingModel(
-        self, request: model_pb2.GetServingModelRequest, context: grpc.aio.ServicerContext
-    ) -> model_pb2.ServingModel:
+    async def _serving(self, live_version: str | None = None) -> model_pb2.ServingModel:
         app = self.app
         mv = app.model
         with contextlib.suppress(RegistryError):
             mv = await app.registry.get(app.engine.model_version)  # fresh metrics and gate
         return model_pb2.ServingModel(
             model=_model_pb(mv),
-            serving_since=_timestamp(app.serving_since),
-            live_version=await self._live_version(),
+            serving_since=_timestamp(max(app.serving_since, app.engine.serving_since)),
+            live_version=live_version if live_version is not None else await self._live_version(),
             replica_id=app.config.replica_id,
         )
+
+    async def GetServingModel(
+        self, request: model_pb2.GetServingModelRequest, context: grpc.aio.ServicerContext
+    ) -> model_pb2.ServingModel:
+        return await self._serving()
 
     async def ListModels(
         self, request: model_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -524,18 +563,25 @@ class ModelService(_Base, model_pb2_grpc.ModelServiceServicer):
     async def PromoteModel(
         self, request: model_pb2.PromoteModelRequest, context: grpc.aio.ServicerContext
     ) -> model_pb2.ServingModel:
-        raise RpcFailure(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "PromoteModel arrives with hot swap; promote with the registry meanwhile",
-        )
+        """One atomic registry update that announces itself; every following replica swaps."""
+        if not request.version:
+            raise invalid("version is required (e.g. 'v3'; ListModels shows them)")
+        try:
+            mv = await self.app.registry.promote(request.version, force=request.force)
+        except RegistryError as e:
+            raise _store_failure(e) from None
+        log.info("promoted %s (force=%s) through ModelService", mv.version, request.force)
+        return await self._serving(live_version=mv.version)
 
     async def RollbackModel(
         self, request: model_pb2.RollbackModelRequest, context: grpc.aio.ServicerContext
     ) -> model_pb2.ServingModel:
-        raise RpcFailure(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "RollbackModel arrives with hot swap; roll back with the registry meanwhile",
-        )
+        try:
+            mv = await self.app.registry.rollback()
+        except RegistryError as e:
+            raise _store_failure(e) from None
+        log.info("rolled back to %s through ModelService", mv.version)
+        return await self._serving(live_version=mv.version)
 
 
 # --------------------------------------------------------------------------------------------
@@ -740,6 +786,7 @@ class InstructloopServer:
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.swapper: HotSwapper | None = None
         self._stopped = False
         self.port = 0
 
@@ -849,11 +896,21 @@ class InstructloopServer:
             )
         else:
             self._tasks.append(asyncio.create_task(self._follow_shared_engine()))
+        if cfg.follows_live:
+            self.swapper = HotSwapper(self)
+            self._tasks.append(asyncio.create_task(self.swapper.run()))
         self.progress(
             f"serving {self.model.version} ({self.model.path}) on {self.address}"
             + (f", metrics on :{self.metrics.port}/metrics" if self.metrics.port else "")
         )
         return self
+
+    def on_swapped(self, mv: ModelVersion) -> None:
+        """The engine serves `mv` now (this replica's swap, or another server's on a shared
+        engine): what GetServingModel and the metrics report follows."""
+        self.model = mv
+        self.serving_since = self.engine.serving_since
+        self.metrics.set_served_model(mv.version, mv.path, self.config.replica_id)
 
     async def _set_serving(self, serving: bool) -> None:
         status = (

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from ckpt_helpers import edit_checkpoint, hf_greedy, perturb_checkpoint
 
 from instructloop import weight_sync as ws
 
@@ -53,37 +54,6 @@ ENGINE_ARGS: dict[str, Any] = {"max_model_len": 1024, "enforce_eager": True}
 # ---------------------------------------------------------------------------------------------
 
 
-def perturb_checkpoint(src: Path, dst: Path, *, sigma: float = 0.05, seed: int = 0) -> Path:
-    """Copy `src` to `dst` with every tensor changed: Gaussian noise of `sigma` times the
-    tensor's std added to matrices (embeddings included), and norm weights scaled by
-    (1 + sigma * noise). Big enough to change greedy outputs, small enough to keep text sane."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    state = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(state):
-        t = state[name].float()
-        noise = torch.randn(t.shape, generator=gen)
-        new = t * (1 + sigma * noise) if t.ndim == 1 else t + sigma * t.std() * noise
-        out[name] = new.to(state[name].dtype)
-        assert not torch.equal(out[name], state[name]), name
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def _edit_checkpoint(src: Path, dst: Path, edit) -> Path:
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    state = load_file(str(src / "model.safetensors"))
-    edit(state)
-    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("weight_sync")
@@ -98,8 +68,8 @@ def ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     return {
         "orig": model_dir,
         "pert": perturb_checkpoint(model_dir, root / "pert"),
-        "wrong_shape": _edit_checkpoint(model_dir, root / "wrong_shape", wrong_shape),
-        "missing": _edit_checkpoint(model_dir, root / "missing", missing),
+        "wrong_shape": edit_checkpoint(model_dir, root / "wrong_shape", wrong_shape),
+        "missing": edit_checkpoint(model_dir, root / "missing", missing),
     }
 
 
@@ -118,33 +88,6 @@ def _prompts(model_dir: Path) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # References
 # ---------------------------------------------------------------------------------------------
-
-
-def hf_greedy(ckpt: Path, prompts: list[str], n: int, dtype: str) -> list[list[int]]:
-    """transformers greedy decoding: argmax of the logits, step by step with its KV cache (no
-    generate() logits processors, so EOS is just another token, as with vLLM's ignore_eos)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(ckpt))
-    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype))
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for p in prompts:
-            ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
-            res = model(ids, use_cache=True)
-            toks: list[int] = []
-            for _ in range(n):
-                nxt = int(res.logits[0, -1].argmax())
-                toks.append(nxt)
-                res = model(
-                    torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True
-                )
-            out.append(toks)
-    del model
-    gc.collect()
-    return out
 
 
 def _sampling(n: int = MAX_NEW):
@@ -225,7 +168,7 @@ def test_validate_rejects_unknown_tensor_and_int_dtype(model_dir: Path, tmp_path
         state["model.layers.0.mlp.extra.weight"] = torch.zeros(2, 2)
         state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
 
-    bad = _edit_checkpoint(model_dir, tmp_path / "bad", edit)
+    bad = edit_checkpoint(model_dir, tmp_path / "bad", edit)
     with pytest.raises(ws.WeightSyncError) as e:
         ws.validate_checkpoint(_stand_in(model_dir), bad)
     assert "unknown tensors model.layers.0.mlp.extra.weight" in str(e.value)
@@ -277,10 +220,10 @@ def test_validate_tied_head_copy(model_dir: Path, tmp_path: Path) -> None:
     def different(state):
         state["lm_head.weight"] = state["model.embed_tokens.weight"] * 2
 
-    ws.validate_checkpoint(_stand_in(model_dir), _edit_checkpoint(model_dir, tmp_path / "a", same))
+    ws.validate_checkpoint(_stand_in(model_dir), edit_checkpoint(model_dir, tmp_path / "a", same))
     with pytest.raises(ws.WeightSyncError, match=r"lm_head\.weight differs"):
         ws.validate_checkpoint(
-            _stand_in(model_dir), _edit_checkpoint(model_dir, tmp_path / "b", different)
+            _stand_in(model_dir), edit_checkpoint(model_dir, tmp_path / "b", different)
         )
 
 

@@ -103,15 +103,17 @@ class ChoiceDelta(_message.Message):
     def __init__(self, index: _Optional[int] = ..., response_id: _Optional[str] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
 
 class CompletionChunk(_message.Message):
-    __slots__ = ("completion_id", "model_version", "choices", "usage", "logged")
+    __slots__ = ("completion_id", "model_version", "choices", "usage", "logged", "restarted")
     COMPLETION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     LOGGED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
     completion_id: str
     model_version: str
     choices: _containers.RepeatedCompositeFieldContainer[ChoiceDelta]
     usage: Usage
     logged: bool
-    def __init__(self, completion_id: _Optional[str] = ..., model_version: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[ChoiceDelta, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., logged: _Optional[bool] = ...) -> None: ...
+    restarted: bool
+    def __init__(self, completion_id: _Optional[str] = ..., model_version: _Optional[str] = ..., choices: _Optional[_Iterable[_Union[ChoiceDelta, _Mapping]]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., logged: _Optional[bool] = ..., restarted: _Optional[bool] = ...) -> None: ...

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binstructloop/v1/model.proto\x12\x0finstructloop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdata_snapshot\x18\x06 \x01(\t\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.instructloop.v1.ModelVersion.MetricsEntry\x12\x0c\n\x04gate\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x16GetServingModelRequest\"\x99\x01\n\x0cServingModel\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.instructloop.v1.ModelVersion\x12\x31\n\rserving_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clive_version\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"Y\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.instructloop.v1.ModelVersion\x12\x14\n\x0clive_version\x18\x02 \x01(\t\"&\n\x13PromoteModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\"\x16\n\x14RollbackModelRequest2\xec\x02\n\x0cModelService\x12Y\n\x0fGetServingModel\x12\'.instructloop.v1.GetServingModelRequest\x1a\x1d.instructloop.v1.ServingModel\x12U\n\nListModels\x12\".instructloop.v1.ListModelsRequest\x1a#.instructloop.v1.ListModelsResponse\x12S\n\x0cPromoteModel\x12$.instructloop.v1.PromoteModelRequest\x1a\x1d.instructloop.v1.ServingModel\x12U\n\rRollbackModel\x12%.instructloop.v1.RollbackModelRequest\x1a\x1d.instructloop.v1.ServingModelb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1binstructloop/v1/model.proto\x12\x0finstructloop.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x02\n\x0cModelVersion\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06parent\x18\x03 \x01(\t\x12\x0e\n\x06source\x18\x04 \x01(\t\x12+\n\x07\x63reated\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdata_snapshot\x18\x06 \x01(\t\x12;\n\x07metrics\x18\x07 \x03(\x0b\x32*.instructloop.v1.ModelVersion.MetricsEntry\x12\x0c\n\x04gate\x18\x08 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x18\n\x16GetServingModelRequest\"\x99\x01\n\x0cServingModel\x12,\n\x05model\x18\x01 \x01(\x0b\x32\x1d.instructloop.v1.ModelVersion\x12\x31\n\rserving_since\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clive_version\x18\x03 \x01(\t\x12\x12\n\nreplica_id\x18\x04 \x01(\t\"\x13\n\x11ListModelsRequest\"Y\n\x12ListModelsResponse\x12-\n\x06models\x18\x01 \x03(\x0b\x32\x1d.instructloop.v1.ModelVersion\x12\x14\n\x0clive_version\x18\x02 \x01(\t\"5\n\x13PromoteModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05\x66orce\x18\x02 \x01(\x08\"\x16\n\x14RollbackModelRequest2\xec\x02\n\x0cModelService\x12Y\n\x0fGetServingModel\x12\'.instructloop.v1.GetServingModelRequest\x1a\x1d.instructloop.v1.ServingModel\x12U\n\nListModels\x12\".instructloop.v1.ListModelsRequest\x1a#.instructloop.v1.ListModelsResponse\x12S\n\x0cPromoteModel\x12$.instructloop.v1.PromoteModelRequest\x1a\x1d.instructloop.v1.ServingModel\x12U\n\rRollbackModel\x12%.instructloop.v1.RollbackModelRequest\x1a\x1d.instructloop.v1.ServingModelb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,9 +47,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=555
   _globals['_LISTMODELSRESPONSE']._serialized_end=644
   _globals['_PROMOTEMODELREQUEST']._serialized_start=646
-  _globals['_PROMOTEMODELREQUEST']._serialized_end=684
-  _globals['_ROLLBACKMODELREQUEST']._serialized_start=686
-  _globals['_ROLLBACKMODELREQUEST']._serialized_end=708
-  _globals['_MODELSERVICE']._serialized_start=711
-  _globals['_MODELSERVICE']._serialized_end=1075
+  _globals['_PROMOTEMODELREQUEST']._serialized_end=699
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=701
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=723
+  _globals['_MODELSERVICE']._serialized_start=726
+  _globals['_MODELSERVICE']._serialized_end=1090
 # @@protoc_insertion_point(module_scope)

@@ -65,10 +65,12 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., live_version: _Optional[str] = ...) -> None: ...
 
 class PromoteModelRequest(_message.Message):
-    __slots__ = ("version",)
+    __slots__ = ("version", "force")
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    FORCE_FIELD_NUMBER: _ClassVar[int]
     version: str
-    def __init__(self, version: _Optional[str] = ...) -> None: ...
+    force: bool
+    def __init__(self, version: _Optional[str] = ..., force: _Optional[bool] = ...) -> None: ...
 
 class RollbackModelRequest(_message.Message):
     __slots__ = ()

@@ -73,14 +73,16 @@ class ModelServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PromoteModel(self, request, context):
-        """Make `version` live; every replica swaps to it.
+        """Make `version` live; every replica swaps to it. The answer's live_version is the promoted
+        version; its model is what this replica serves at the moment of answering (the swap itself
+        follows within seconds: watch GetServingModel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RollbackModel(self, request, context):
-        """Make the previously live version live again.
+        """Make the previously live version live again (each call goes one version further back).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

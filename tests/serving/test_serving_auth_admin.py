@@ -75,7 +75,11 @@ async def test_user_key_cannot_call_model_service(
 
 
 async def test_admin_key_calls_everything(
-    served: Served, channel: grpc.aio.Channel, serving_redis_url: str, model_dir: Path
+    served: Served,
+    channel: grpc.aio.Channel,
+    serving_redis_url: str,
+    serving_redis: redis.Redis,
+    model_dir: Path,
 ) -> None:
     s = stubs(channel)
     md = served.admin_md
@@ -94,10 +98,19 @@ async def test_admin_key_calls_everything(
     assert [m.version for m in lm.models] == [m.version for m in ModelRegistry(
         serving_redis_url).list()]  # fmt: skip
     assert live.version in [m.version for m in lm.models]
-    err = await rpc_error(
-        s.model.PromoteModel(model_pb2.PromoteModelRequest(version="v1"), metadata=md)
+    # Promoting the live version again is a no-op that answers OK; an unknown one changes nothing.
+    before = redis_state(serving_redis)
+    again = await s.model.PromoteModel(
+        model_pb2.PromoteModelRequest(version=live.version), metadata=md
     )
-    assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert again.live_version == live.version == again.model.version
+    err = await rpc_error(
+        s.model.PromoteModel(model_pb2.PromoteModelRequest(version="v999"), metadata=md)
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND and "v999" in (err.details() or "")
+    err = await rpc_error(s.model.PromoteModel(model_pb2.PromoteModelRequest(), metadata=md))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert redis_state(serving_redis) == before
 
 
 async def test_health_and_reflection_need_no_key(served: Served, channel: grpc.aio.Channel) -> None:

@@ -1,0 +1,154 @@
+"""Hot swap: keep one server replica on the registry's live version, without a restart.
+
+How a replica learns of a promotion. The registry's promote and rollback PUBLISH the new live
+version on `<prefix>models:events` inside the same Lua script that changes it
+(instructloop/registry.py). The swapper subscribes, and on every message AND every
+`swap_poll_s` re-reads the live version: Pub/Sub keeps nothing for a subscriber that was away
+(Redis restarted, the connection dropped), so the poll is what makes every replica converge.
+It also re-reads once right after subscribing, so a promotion between start and subscription
+is not missed.
+
+How it swaps. `Engine.swap` (serving/engine.py) does the work: validate, close admission, drain
+or abort and restart the requests in flight, load through instructloop.weight_sync (the method
+that is right for tied embeddings), open admission on the new version. This module decides
+when, verifies the checkpoint is the one registered (its fingerprint), and reports:
+`instructloop_swaps_total{outcome}`, `instructloop_swap_duration_seconds{phase}`,
+`instructloop_swap_failed` (the alert: the replica serves an older version because the live one
+did not load) and `instructloop_replica_behind_live`.
+
+A failed swap changes nothing: the old version keeps serving, the reason is logged, the alert
+metric is set, and the same version is tried again after `swap_retry_s` (a newer one at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from instructloop.registry import ModelVersion, fingerprint
+
+if TYPE_CHECKING:
+    from serving.server import InstructloopServer
+
+log = logging.getLogger("instructloop.serving.hot_swap")
+
+
+@dataclass
+class _Failure:
+    version: str
+    reason: str
+    retry_at: float
+
+
+class HotSwapper:
+    """Follows the live version for one InstructloopServer (one replica)."""
+
+    def __init__(self, app: InstructloopServer) -> None:
+        self.app = app
+        self.failure: _Failure | None = None
+        self.swaps = 0
+
+    @property
+    def last_error(self) -> str | None:
+        return None if self.failure is None else self.failure.reason
+
+    async def run(self) -> None:
+        """Forever (cancel to stop): subscribe, reconcile on each message and each poll. Redis
+        errors are logged and retried; they never stop the replica from serving."""
+        backoff = 0.5
+        while True:
+            try:
+                await self._follow()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("hot swap: following the registry failed (%s); retrying", e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, self.app.config.swap_poll_s * 4)
+            else:  # pragma: no cover - _follow only returns by raising
+                backoff = 0.5
+
+    async def _follow(self) -> None:
+        registry = self.app.registry
+        pubsub = registry.client.pubsub()
+        try:
+            await pubsub.subscribe(registry.events_channel)
+            await self.reconcile()
+            while True:
+                await pubsub.get_message(
+                    ignore_subscribe_messages=True, timeout=self.app.config.swap_poll_s
+                )
+                await self.reconcile()
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+
+    async def reconcile(self) -> None:
+        """Swap to the live version if this replica serves another one (and may try now)."""
+        app = self.app
+        live = await app.registry.live()
+        if live is None:
+            return
+        engine = app.engine
+        if live.version == engine.model_version:
+            self._clear()
+            if app.model.version != live.version:  # a shared engine swapped by another server
+                app.on_swapped(live)
+            return
+        app.metrics.behind_live.set(1)
+        f = self.failure
+        if f is not None and f.version == live.version and time.monotonic() < f.retry_at:
+            return
+        await self.swap_to(live)
+
+    async def swap_to(self, mv: ModelVersion) -> bool:
+        """One swap attempt; True if the engine now serves `mv`."""
+        app = self.app
+        cfg = app.config
+        try:
+            if cfg.swap_verify_fingerprint and mv.fingerprint:
+                fp = await asyncio.to_thread(fingerprint, Path(mv.path))
+                if fp != mv.fingerprint:
+                    raise ValueError(
+                        f"{mv.path} changed since {mv.version} was registered (fingerprint "
+                        f"{fp[:12]}, registered {mv.fingerprint[:12]}); refusing to load it"
+                    )
+            res = await app.engine.swap(
+                mv.path, mv.version, drain_timeout_s=cfg.swap_drain_timeout_s
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            self.failure = _Failure(mv.version, reason, time.monotonic() + cfg.swap_retry_s)
+            app.metrics.swaps.labels("failed").inc()
+            app.metrics.swap_failed.set(1)
+            log.error(
+                "hot swap to %s (%s) failed; still serving %s: %s",
+                mv.version, mv.path, app.engine.model_version, reason,
+            )  # fmt: skip
+            return False
+        if res is not None:
+            self.swaps += 1
+            m = app.metrics
+            m.swaps.labels("ok").inc()
+            m.swap_duration.labels("drain").observe(res.drain_s)
+            m.swap_duration.labels("load").observe(res.load_s)
+            m.swap_duration.labels("total").observe(res.paused_s)
+            log.warning(
+                "hot swap %s -> %s: drain %.2f s, load %.2f s, %d requests restarted",
+                res.previous, res.version, res.drain_s, res.load_s, res.restarted,
+            )  # fmt: skip
+        self._clear()
+        app.on_swapped(mv)
+        return True
+
+    def _clear(self) -> None:
+        self.failure = None
+        self.app.metrics.swap_failed.set(0)
+        self.app.metrics.behind_live.set(0)

@@ -1,0 +1,73 @@
+"""Checkpoints and references shared by the weight-swap tests (tests/test_weight_sync.py and
+tests/serving/test_hot_swap.py): a copy of a model with every tensor changed, hand-edited broken
+copies, and transformers greedy decoding as the independent reference.
+
+Imported by name (pytest puts tests/ on sys.path through its conftest.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def perturb_checkpoint(src: Path, dst: Path, *, sigma: float = 0.05, seed: int = 0) -> Path:
+    """Copy `src` to `dst` with every tensor changed: Gaussian noise of `sigma` times the
+    tensor's std added to matrices (embeddings included), and norm weights scaled by
+    (1 + sigma * noise). Big enough to change greedy outputs, small enough to keep text sane."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(state):
+        t = state[name].float()
+        noise = torch.randn(t.shape, generator=gen)
+        new = t * (1 + sigma * noise) if t.ndim == 1 else t + sigma * t.std() * noise
+        out[name] = new.to(state[name].dtype)
+        assert not torch.equal(out[name], state[name]), name
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def edit_checkpoint(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
+    """Copy `src` to `dst` with `edit` applied to its state dict (in place)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "model.safetensors"))
+    edit(state)
+    save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def hf_greedy(ckpt: Path, prompts: list[str], n: int, dtype: str) -> list[list[int]]:
+    """transformers greedy decoding: argmax of the logits, step by step with its KV cache (no
+    generate() logits processors, so EOS is just another token, as with vLLM's ignore_eos)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=getattr(torch, dtype))
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = tok(p, return_tensors="pt", add_special_tokens=False).input_ids
+            res = model(ids, use_cache=True)
+            toks: list[int] = []
+            for _ in range(n):
+                nxt = int(res.logits[0, -1].argmax())
+                toks.append(nxt)
+                res = model(
+                    torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True
+                )
+            out.append(toks)
+    del model
+    gc.collect()
+    return out
