@@ -19,6 +19,8 @@ from serving.testing import Served
 
 pytestmark = pytest.mark.engine
 
+# bf16 logits of ~20 are spaced 0.125 apart: two kernels may round a near-tie either way.
+BF16_TIE = 0.25
 ID = re.compile(r"^(cmpl|resp)-[0-9a-f]{32}$")
 HAIKU = (("system", "You are a concise assistant."), ("user", "Write a haiku about autumn."))
 
@@ -64,8 +66,15 @@ async def test_complete_logs_everything_before_ok(
 async def test_greedy_tokens_match_transformers(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis, model_dir: Path
 ) -> None:
-    """The engine's greedy tokens for a chat prompt, token for token against
-    transformers' greedy generate on the same checkpoint (an independent implementation)."""
+    """The engine's greedy tokens for a chat prompt, token for token against transformers on
+    the same checkpoint (an independent implementation), in the serving dtype, bf16.
+
+    In bf16 two correct implementations may break a near-tie differently, after which
+    free-running outputs part for good (seen here: transformers' own cached generate() parts
+    from its full forward pass at token 9). So transformers scores the engine's own output in
+    one forward pass (teacher forcing): at every position the engine's token must be
+    transformers' argmax, or within BF16_TIE of its top logit, and such ties must be rare.
+    The exact, free-running comparison runs in float32 in tests/serving/test_hot_swap.py."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -78,6 +87,7 @@ async def test_greedy_tokens_match_transformers(
     rec = stored_completion(serving_redis, resp.completion_id)
     assert rec is not None
     got = rec["responses"][0]["token_ids"]
+    assert len(got) == n_tokens or got[-1] == served.engine.tokenizer.eos_token_id
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ref_prompt = tok.apply_chat_template(
@@ -89,15 +99,13 @@ async def test_greedy_tokens_match_transformers(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     model.eval()
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([ref_ids]),
-            max_new_tokens=n_tokens,
-            do_sample=False,
-            pad_token_id=tok.eos_token_id,
-        )
-    ref = out[0, len(ref_ids) :].tolist()
-    # vLLM stops at EOS (and keeps it in token_ids); transformers too.
-    assert got == ref[: len(got)] and len(got) == len(ref), (got, ref)
+        logits = model(torch.tensor([ref_ids + got])).logits[0, len(ref_ids) - 1 : -1].float()
+    top = logits.max(dim=-1).values
+    chosen = logits[torch.arange(len(got)), torch.tensor(got)]
+    gaps = (top - chosen).tolist()
+    ties = [i for i, g in enumerate(gaps) if g > 0]
+    assert all(gaps[i] <= BF16_TIE for i in ties), [(i, gaps[i]) for i in ties]
+    assert len(ties) <= 2, ties
     assert resp.choices[0].text == tok.decode(got, skip_special_tokens=True)
 
 
