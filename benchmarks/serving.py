@@ -1,8 +1,9 @@
 """Serving benchmark: instructloop's gRPC server against vLLM's own OpenAI-compatible server.
 
 Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments, same
-prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. The two
-servers run one after the other (never together: they would share the two cores).
+prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. Both
+servers are started, then each level runs on one and then the other, alternating the order over
+`--reps` repetitions (only one is ever under load: they would share the two cores).
 
 Measured per server and concurrency: output tokens per second (all output tokens / wall time),
 time to first token p50/p99, end-to-end latency p50/p99. instructloop logs every completion to
@@ -73,7 +74,7 @@ class LevelResult:
 
 async def _run_level(
     name: str, one, texts: list[str], concurrency: int, n_requests: int
-) -> LevelResult:
+) -> tuple[LevelResult, list[Sample]]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(n_requests):
         queue.put_nowait(texts[i % len(texts)])
@@ -100,7 +101,7 @@ async def _run_level(
     tokens = sum(s.output_tokens for s in samples)
     ttft = [s.ttft_s for s in samples]
     e2e = [s.e2e_s for s in samples]
-    return LevelResult(
+    res = LevelResult(
         server=name,
         concurrency=concurrency,
         requests=n_requests,
@@ -113,6 +114,7 @@ async def _run_level(
         e2e_p50_s=round(percentile(e2e, 50), 4),
         e2e_p99_s=round(percentile(e2e, 99), 4),
     )
+    return res, samples
 
 
 # --- vLLM's OpenAI-compatible server -------------------------------------------------------
@@ -260,22 +262,50 @@ def grpc_client(port: int):
 # --- driver --------------------------------------------------------------------------------
 
 
-async def bench_server(name, client, texts, levels, per_level) -> list[LevelResult]:
-    one, close = client
-    try:
+async def bench_interleaved(
+    clients: dict[str, tuple], texts: list[str], levels: list[int], per_level: list[int], reps: int
+) -> list[LevelResult]:
+    """Both servers are up; each level runs `reps` times per server, alternating which goes
+    first, so drift in a shared machine's speed hits both alike. A level's figures pool its
+    reps: throughput = all tokens / all wall time, percentiles over all requests."""
+    for one, _close in clients.values():
         await one(texts[0])  # warm-up: first-request costs are not part of the comparison
-        results = []
-        for c, n in zip(levels, per_level, strict=True):
-            r = await _run_level(name, one, texts, c, n)
-            print(
-                f"  {name:12s} c={c:<3d} {r.output_tok_per_s:8.1f} tok/s  "
-                f"TTFT p50 {r.ttft_p50_s:.3f}s p99 {r.ttft_p99_s:.3f}s  "
-                f"E2E p50 {r.e2e_p50_s:.2f}s p99 {r.e2e_p99_s:.2f}s  failed {r.failed}"
-            )
-            results.append(r)
-        return results
-    finally:
-        await close()
+    results = []
+    for c, n in zip(levels, per_level, strict=True):
+        runs: dict[str, list[LevelResult]] = {name: [] for name in clients}
+        samples: dict[str, list[Sample]] = {name: [] for name in clients}
+        for rep in range(reps):
+            order = list(clients) if rep % 2 == 0 else list(reversed(clients))
+            for name in order:
+                r, ss = await _run_level(name, clients[name][0], texts, c, n)
+                runs[name].append(r)
+                samples[name] += ss
+                print(f"  {name:12s} c={c:<3d} rep {rep}: {r.output_tok_per_s:8.1f} tok/s  "
+                      f"TTFT p50 {r.ttft_p50_s:.3f}s  E2E p50 {r.e2e_p50_s:.2f}s  "
+                      f"failed {r.failed}")  # fmt: skip
+        for name in clients:
+            results.append(_pool(name, c, runs[name], samples[name]))
+    return results
+
+
+def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> LevelResult:
+    tokens = sum(r.output_tokens for r in runs)
+    wall = sum(r.wall_s for r in runs)
+    ttft = [s.ttft_s for s in samples]
+    e2e = [s.e2e_s for s in samples]
+    return LevelResult(
+        server=name,
+        concurrency=c,
+        requests=sum(r.requests for r in runs),
+        failed=sum(r.failed for r in runs),
+        output_tokens=tokens,
+        wall_s=round(wall, 3),
+        output_tok_per_s=round(tokens / wall, 2),
+        ttft_p50_s=round(percentile(ttft, 50), 4),
+        ttft_p99_s=round(percentile(ttft, 99), 4),
+        e2e_p50_s=round(percentile(e2e, 50), 4),
+        e2e_p99_s=round(percentile(e2e, 99), 4),
+    )
 
 
 def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
@@ -316,42 +346,48 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-level", type=int, nargs="+", default=[8, 32, 96])
     ap.add_argument("--servers", nargs="+", default=["vllm-openai", "instructloop"])
+    ap.add_argument("--reps", type=int, default=2, help="runs per server and level, alternated")
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
     texts = prompts(model_dir, 64)
     logs = RESULTS_DIR / "logs"
-    results: list[LevelResult] = []
 
-    for name in args.servers:
-        print(f"{name}: starting")
-        if name == "vllm-openai":
+    procs: list[Proc] = []
+    clients: dict[str, tuple] = {}
+    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "serving-redis").start()
+    try:
+        # Both servers are up together (an idle engine takes no CPU), so their runs can
+        # alternate; see bench_interleaved.
+        for name in args.servers:
+            print(f"{name}: starting")
             port = free_port()
-            proc = start_vllm(model_dir, port, logs / "serving-vllm.log")
-            try:
+            if name == "vllm-openai":
+                proc = start_vllm(model_dir, port, logs / "serving-vllm.log")
+                procs.append(proc)
                 wait_http(f"http://127.0.0.1:{port}/health", proc)
-                results += asyncio.run(
-                    bench_server(
-                        name, vllm_client(port), texts, args.concurrency, args.requests_per_level
-                    )
+                clients[name] = vllm_client(port)
+            else:
+                proc = start_instructloop(
+                    model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
                 )
-            finally:
-                proc.stop()
-        else:
-            redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "serving-redis").start()
-            port = free_port()
-            proc = start_instructloop(
-                model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
-            )
-            try:
+                procs.append(proc)
                 wait_grpc(port, proc)
-                results += asyncio.run(
-                    bench_server(
-                        name, grpc_client(port), texts, args.concurrency, args.requests_per_level
-                    )
+                clients[name] = grpc_client(port)
+
+        async def go() -> list[LevelResult]:
+            try:
+                return await bench_interleaved(
+                    clients, texts, args.concurrency, args.requests_per_level, args.reps
                 )
             finally:
-                proc.stop()
-                redis.stop()
+                for _one, close in clients.values():
+                    await close()
+
+        results = asyncio.run(go())
+    finally:
+        for proc in procs:
+            proc.stop()
+        redis.stop()
 
     meta = {**machine(), "model": model_dir.name, "max_tokens": MAX_TOKENS}
     md = markdown(results, meta)

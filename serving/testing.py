@@ -3,12 +3,14 @@
 Used by tests/serving/conftest.py (one engine per test session) and meant for any other test
 package that needs a running server: `async with running_server(model_dir, redis_url) as s:`.
 Nothing here is a fake; it only picks test-friendly settings (ephemeral ports, a small CPU
-KV cache, fixed keys).
+KV cache, fixed keys). `perturb_checkpoint` makes the checkpoint a hot-swap check needs (tests,
+benchmarks/swap.py): one in which every tensor changed, embeddings included.
 """
 
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,3 +84,24 @@ async def running_server(
         yield Served(server)
     finally:
         await server.stop(grace=1.0)
+
+
+def perturb_checkpoint(src: Path, dst: Path, *, sigma: float = 0.05, seed: int = 0) -> Path:
+    """Copy `src` to `dst` with every tensor changed: Gaussian noise of `sigma` times the
+    tensor's std added to matrices (embeddings included), and norm weights scaled by
+    (1 + sigma * noise). Big enough to change greedy outputs, small enough to keep text sane."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    state = load_file(str(src / "model.safetensors"))
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in sorted(state):
+        t = state[name].float()
+        noise = torch.randn(t.shape, generator=gen)
+        new = t * (1 + sigma * noise) if t.ndim == 1 else t + sigma * t.std() * noise
+        out[name] = new.to(state[name].dtype)
+        assert not torch.equal(out[name], state[name]), name
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst

@@ -13,26 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from serving.testing import perturb_checkpoint
 
-def perturb_checkpoint(src: Path, dst: Path, *, sigma: float = 0.05, seed: int = 0) -> Path:
-    """Copy `src` to `dst` with every tensor changed: Gaussian noise of `sigma` times the
-    tensor's std added to matrices (embeddings included), and norm weights scaled by
-    (1 + sigma * noise). Big enough to change greedy outputs, small enough to keep text sane."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    state = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for name in sorted(state):
-        t = state[name].float()
-        noise = torch.randn(t.shape, generator=gen)
-        new = t * (1 + sigma * noise) if t.ndim == 1 else t + sigma * t.std() * noise
-        out[name] = new.to(state[name].dtype)
-        assert not torch.equal(out[name], state[name]), name
-    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
+__all__ = ["edit_checkpoint", "hf_greedy", "perturb_checkpoint"]
 
 
 def edit_checkpoint(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:
