@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -53,7 +54,9 @@ class Swap:
     per_replica_s: list[float]
 
 
-def start_replica(i: int, port: int, metrics_port: int, redis_url: str, drain: float) -> Proc:
+def start_replica(
+    i: int, port: int, metrics_port: int, redis_url: str, drain: float, cores: str | None
+) -> Proc:
     cmd = [
         python(), "-m", "instructloop", "serve",
         "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--redis-url", redis_url,
@@ -61,7 +64,13 @@ def start_replica(i: int, port: int, metrics_port: int, redis_url: str, drain: f
         "--follow-live", "--swap-drain-timeout", str(drain), "--swap-poll", "1",
         "--feedback-rate-limit", "0",
     ]  # fmt: skip
-    return Proc(cmd, env={**ENGINE_ENV, **KEYS}, log=RESULTS_DIR / "logs" / f"swap-r{i}.log")
+    env = {**ENGINE_ENV, **KEYS}
+    if cores is not None:
+        # Each replica's engine on cores of its own, as replicas on separate machines would be:
+        # two engines' OpenMP threads spinning on the same cores starve each other (a reload
+        # took 68 s instead of 1 s that way).
+        env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    return Proc(cmd, env=env, log=RESULTS_DIR / "logs" / f"swap-r{i}.log")
 
 
 async def stream_client(
@@ -172,8 +181,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         v2 = registry.register(pert, source="bench").version
         ports = [free_port() for _ in range(args.replicas)]
         mports = [free_port() for _ in range(args.replicas)]
+        n_cpu = os.cpu_count() or 1
+        per = n_cpu // args.replicas
         for i in range(args.replicas):
-            procs.append(start_replica(i, ports[i], mports[i], redis.url, args.drain_timeout))
+            cores = f"{i * per}-{(i + 1) * per - 1}" if per >= 1 and args.bind_cores else None
+            procs.append(
+                start_replica(i, ports[i], mports[i], redis.url, args.drain_timeout, cores)
+            )
         for p, port in zip(procs, ports, strict=True):
             wait_grpc(port, p)
         print(f"{args.replicas} replicas serving {v1}; {args.streams} streams")
@@ -210,6 +224,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "streams": args.streams,
             "max_tokens": MAX_TOKENS,
             "drain_timeout_s": args.drain_timeout,
+            "bind_cores": args.bind_cores,
             "run_s": round(t_end - t_start, 1),
             "requests": len(reqs),
             "failed": len(reqs) - len(ok),
@@ -256,7 +271,7 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
         )
     for i, m in enumerate(r["replica_metrics"]):
         phases = []
-        for ph in ("drain", "load", "total"):
+        for ph in ("verify", "drain", "load", "total"):
             n = m.get(f'instructloop_swap_duration_seconds_count{{phase="{ph}"}}', 0)
             tot = m.get(f'instructloop_swap_duration_seconds_sum{{phase="{ph}"}}', 0)
             if n:
@@ -276,6 +291,12 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=16)
     ap.add_argument("--phase-s", type=float, default=40.0, help="load before/after each swap")
     ap.add_argument("--drain-timeout", type=float, default=2.0)
+    ap.add_argument(
+        "--bind-cores",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give each replica's engine its own share of the cores (VLLM_CPU_OMP_THREADS_BIND)",
+    )
     args = ap.parse_args()
     res = asyncio.run(run(args))
     meta = {**machine(), "model": res["model"]}

@@ -315,6 +315,13 @@ def validate_checkpoint(llm: Any, checkpoint_dir: str | Path) -> dict[str, Tenso
     return specs
 
 
+def warm_validation(llm: Any) -> None:
+    """Build (and cache) the running architecture's reference tensor list now, so the first
+    `validate_checkpoint` does not pay for it (about 1 s: transformers' model classes on the meta
+    device). A server that follows the registry calls it at start, off the event loop."""
+    _expected_for(_model_config(llm).hf_config)
+
+
 def _check_specs(
     expected: _Expected, specs: Mapping[str, tuple[tuple[int, ...], str]], where: str
 ) -> None:
@@ -723,4 +730,5 @@ __all__ = [
     "reload_weights_sync",
     "served_checkpoint",
     "validate_checkpoint",
+    "warm_validation",
 ]

@@ -89,8 +89,10 @@ class ServerConfig:
     `model` is None (the replica serves the live version), stay pinned when --model names one."""
     swap_drain_timeout_s: float = 2.0
     """On a swap, requests in flight get this long to finish on the old weights; the rest are
-    aborted and start again on the new version (a stream is told so). Longer: less work redone,
-    new requests held longer. New requests wait (they are not refused) while a swap runs."""
+    aborted and start again on the new version (a stream is told so), and so are at once those
+    that cannot reach their max_tokens in this time at their pace so far. Longer: less work
+    redone, new requests held longer. New requests wait (they are not refused) while a swap
+    runs."""
     swap_poll_s: float = 2.0
     """Besides the registry's Pub/Sub notification, the live version is re-read this often, so a
     missed message (Redis restart, a replica that was away) still converges."""

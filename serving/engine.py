@@ -26,9 +26,9 @@ produced ALL of its tokens:
 - a request is *admitted* at one moment, on one version: `generate` yields `Admitted(version)`
   before any token, and the request counts as in flight until its generator ends;
 - a swap first closes admission (new requests wait in `generate`, not in vLLM's queue), gives
-  the requests in flight `drain_timeout_s` to finish on the old weights, aborts the rest, waits
-  until none is left in flight, and only then loads the new weights and opens admission again
-  with the new version;
+  the requests in flight `drain_timeout_s` to finish on the old weights (those that cannot, at
+  their pace so far, are aborted at once), aborts the rest, waits until none is left in
+  flight, and only then loads the new weights and opens admission again with the new version;
 - an aborted request starts again from scratch once admission opens, and `generate` yields
   `Admitted(new_version, restart=True)` so the caller drops what the first attempt produced.
 No token is generated while old and new requests could share the engine, so none is mixed.
@@ -77,11 +77,13 @@ class Admitted:
 
 @dataclass(frozen=True)
 class SwapResult:
-    """What `Engine.swap` did. Times in seconds: `drain_s` waiting for (then aborting) requests
-    in flight, `load_s` loading the weights; admission was closed for `paused_s`."""
+    """What `Engine.swap` did. Times in seconds: `validate_s` checking the checkpoint against
+    the engine (still serving), `drain_s` waiting for (then aborting) requests in flight,
+    `load_s` loading the weights; admission was closed for `paused_s`."""
 
     version: str
     previous: str
+    validate_s: float
     drain_s: float
     load_s: float
     restarted: int
@@ -94,10 +96,26 @@ class SwapResult:
 
 @dataclass
 class _InFlight:
-    """One admitted engine request (one attempt)."""
+    """One admitted engine request (one attempt), and how far it has got."""
 
     request_id: str
+    max_tokens: int
+    first_token_at: float | None = None
+    tokens: int = 0
+    """Tokens of its longest candidate so far."""
     swap_aborted: bool = False
+
+    def rate(self, now: float) -> float | None:
+        """Tokens per second per candidate since its first token; None before the second."""
+        if self.first_token_at is None or self.tokens < 2 or now <= self.first_token_at:
+            return None
+        return (self.tokens - 1) / (now - self.first_token_at)
+
+    def eta_s(self, now: float, fallback_rate: float | None) -> float | None:
+        """Seconds until it reaches max_tokens at its pace so far (EOS may end it sooner);
+        None when nothing tells."""
+        rate = self.rate(now) or fallback_rate
+        return None if not rate else max(0, self.max_tokens - self.tokens) / rate
 
 
 @dataclass(frozen=True)
@@ -380,17 +398,22 @@ class Engine:
             if llm is None or llm.errored or self._restarting:
                 raise EngineUnavailable("the engine is restarting; retry shortly")
             rid = request_id if attempt == 0 else f"{request_id}-r{attempt}"
-            slot = _InFlight(rid)
+            slot = _InFlight(rid, params.max_tokens)
             self._in_flight[rid] = slot
             self._drained.clear()
             held: list[list[ChoiceDelta]] = []  # output after a swap's abort: kept or dropped
             finish: dict[int, str] = {}
+            counts = [0] * params.n
             try:
                 yield Admitted(self.model_version, restart=attempt > 0)
                 async for deltas in self._run(llm, rid, prompt_token_ids, params, sp):
                     for d in deltas:
+                        counts[d.index] += len(d.token_ids)
                         if d.finish_reason is not None:
                             finish[d.index] = d.finish_reason
+                    if slot.first_token_at is None and any(counts):
+                        slot.first_token_at = time.monotonic()
+                    slot.tokens = max(counts)
                     if slot.swap_aborted:
                         held.append(deltas)
                     else:
@@ -463,10 +486,11 @@ class Engine:
         """Serve `checkpoint_dir` as `version` from now on, without a restart. None if this
         engine serves `version` already.
 
-        Validate the checkpoint (nothing changes yet) -> close admission -> wait up to
-        `drain_timeout_s` for the requests in flight to finish on the old weights -> abort the
-        rest (they restart on the new version) and wait up to `abort_timeout_s` until they are
-        gone -> load -> open admission on the new version. Raises SwapError (and
+        Validate the checkpoint (nothing changes yet) -> close admission -> abort the requests
+        that cannot reach max_tokens within `drain_timeout_s` at their pace so far, wait up to
+        `drain_timeout_s` for the others to finish on the old weights -> abort what is left
+        (all aborted requests restart on the new version) and wait up to `abort_timeout_s`
+        until they are gone -> load -> open admission on the new version. Raises SwapError (and
         weight_sync.WeightSyncError) with the old version still serving.
         """
         from instructloop import weight_sync as ws
@@ -479,19 +503,30 @@ class Engine:
                 raise SwapError("the engine is not running; the swap waits for it")
             path = str(Path(checkpoint_dir).resolve())
             # A bad checkpoint is refused here, before a single request waits for it.
+            t_validate = time.perf_counter()
             await asyncio.to_thread(ws.validate_checkpoint, llm, path)
             previous = self.model_version
             t0 = time.perf_counter()
+            validate_s = t0 - t_validate
             self._admitting.clear()
             self.swapping = True
             aborted = 0
             try:
+                # Requests that cannot finish within the drain window at their pace are
+                # restarted at once (waiting for them would only hold new requests longer);
+                # the others get the window, and what is left after it restarts too.
+                now = time.monotonic()
+                rates = sorted(r for sl in self._in_flight.values() if (r := sl.rate(now)))
+                typical = rates[len(rates) // 2] if rates else None
+                hopeless = []
+                for sl in self._in_flight.values():
+                    eta = sl.eta_s(now, typical)
+                    if eta is not None and eta > drain_timeout_s:
+                        hopeless.append(sl)
+                aborted += await self._abort_for_swap(llm, hopeless)
                 if not await self._wait_drained(drain_timeout_s):
-                    for slot in list(self._in_flight.values()):
-                        slot.swap_aborted = True
-                        aborted += 1
-                        with contextlib.suppress(Exception):  # its generator counts the abort
-                            await llm.abort(slot.request_id)
+                    left = [sl for sl in self._in_flight.values() if not sl.swap_aborted]
+                    aborted += await self._abort_for_swap(llm, left)
                     if not await self._wait_drained(abort_timeout_s):
                         raise SwapError(
                             f"{len(self._in_flight)} requests still in flight "
@@ -511,9 +546,18 @@ class Engine:
                 self.swapping = False
                 self._admitting.set()
             load_s = time.perf_counter() - t0 - drain_s
-        log.info("swapped %s -> %s: drain %.2f s, load %.2f s, %d restarted",
-                 previous, version, drain_s, load_s, aborted)  # fmt: skip
-        return SwapResult(version, previous, drain_s, load_s, aborted)
+        log.info("swapped %s -> %s: validate %.2f s, drain %.2f s, load %.2f s, %d restarted",
+                 previous, version, validate_s, drain_s, load_s, aborted)  # fmt: skip
+        return SwapResult(version, previous, validate_s, drain_s, load_s, aborted)
+
+    @staticmethod
+    async def _abort_for_swap(llm: Any, slots: list[_InFlight]) -> int:
+        """Abort these requests so that they restart on the new version; how many."""
+        for slot in slots:
+            slot.swap_aborted = True
+            with contextlib.suppress(Exception):  # its generator counts the abort
+                await llm.abort(slot.request_id)
+        return len(slots)
 
     async def _wait_drained(self, timeout_s: float) -> bool:
         """True once no request is in flight; False if some still are after `timeout_s`."""

@@ -60,6 +60,10 @@ class HotSwapper:
     async def run(self) -> None:
         """Forever (cancel to stop): subscribe, reconcile on each message and each poll. Redis
         errors are logged and retried; they never stop the replica from serving."""
+        from instructloop.weight_sync import warm_validation
+
+        with contextlib.suppress(Exception):  # an optimisation only; validation runs anyway
+            await asyncio.to_thread(warm_validation, self.app.engine.llm)
         backoff = 0.5
         while True:
             try:
@@ -110,9 +114,12 @@ class HotSwapper:
         """One swap attempt; True if the engine now serves `mv`."""
         app = self.app
         cfg = app.config
+        t0 = time.perf_counter()
+        verify_s = 0.0
         try:
             if cfg.swap_verify_fingerprint and mv.fingerprint:
                 fp = await asyncio.to_thread(fingerprint, Path(mv.path))
+                verify_s = time.perf_counter() - t0
                 if fp != mv.fingerprint:
                     raise ValueError(
                         f"{mv.path} changed since {mv.version} was registered (fingerprint "
@@ -137,12 +144,15 @@ class HotSwapper:
             self.swaps += 1
             m = app.metrics
             m.swaps.labels("ok").inc()
+            m.swap_duration.labels("verify").observe(verify_s + res.validate_s)
             m.swap_duration.labels("drain").observe(res.drain_s)
             m.swap_duration.labels("load").observe(res.load_s)
             m.swap_duration.labels("total").observe(res.paused_s)
             log.warning(
-                "hot swap %s -> %s: drain %.2f s, load %.2f s, %d requests restarted",
-                res.previous, res.version, res.drain_s, res.load_s, res.restarted,
+                "hot swap %s -> %s: verify %.2f s (still serving), then drain %.2f s, load "
+                "%.2f s, %d requests restarted",
+                res.previous, res.version, verify_s + res.validate_s, res.drain_s, res.load_s,
+                res.restarted,
             )  # fmt: skip
         self._clear()
         app.on_swapped(mv)

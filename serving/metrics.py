@@ -122,8 +122,9 @@ class ServerMetrics:
         )
         self.swap_duration = Histogram(
             "instructloop_swap_duration_seconds",
-            "Hot swap phases: drain (in-flight requests finish or are aborted), load (weights "
-            "into the engine), total (admission closed: new requests wait this long).",
+            "Hot swap phases: verify (fingerprint and checks, still serving), drain (in-flight "
+            "requests finish or are aborted), load (weights into the engine), total (drain + "
+            "load: admission closed, new requests wait this long).",
             ["phase"],
             buckets=LATENCY_BUCKETS,
             registry=r,

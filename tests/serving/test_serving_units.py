@@ -89,6 +89,7 @@ def test_alert_rules_use_metrics_that_exist() -> None:
     m.redis_write_errors.labels("log_completion").inc()
     m.set_served_model("v1", "/m", "r")
     m.ttft.observe(0.1)
+    m.swap_duration.labels("total").observe(1.0)
     names = {s.name for fam in m.registry.collect() for s in fam.samples}
     root = Path(__file__).resolve().parents[2]
     rules = yaml.safe_load((root / "deploy/prometheus/alerts.yml").read_text())
