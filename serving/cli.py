@@ -39,6 +39,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="KV cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE)",
     )
+    g.add_argument(
+        "--cpu-cores",
+        default=None,
+        help="cores for the engine's threads on the CPU backend, e.g. 0-3 "
+        "(VLLM_CPU_OMP_THREADS_BIND; default: vLLM's auto)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     g.add_argument(
         "--enforce-eager",
@@ -116,6 +122,7 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "tensor_parallel_size": args.tensor_parallel_size,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cpu_kvcache_space_gib": args.kv_cache_space_gib,
+        "cpu_omp_threads_bind": args.cpu_cores,
         "max_num_seqs": args.max_num_seqs,
         "enforce_eager": args.enforce_eager,
         "enable_chunked_prefill": args.chunked_prefill,

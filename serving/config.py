@@ -70,6 +70,10 @@ class ServerConfig:
     dtype: str = "bfloat16"
     cpu_kvcache_space_gib: float | None = None
     """KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE); None: vLLM's default."""
+    cpu_omp_threads_bind: str | None = None
+    """CPU cores of the engine's OpenMP threads on the CPU backend (sets
+    VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None: vLLM's "auto", which on a small machine puts
+    every engine on the same first cores. Give each engine on one host cores of its own."""
     enforce_eager: bool | None = None
     """None: True on the CPU backend (torch.compile takes minutes on a small CPU), else False."""
     enable_chunked_prefill: bool | None = None

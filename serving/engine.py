@@ -43,7 +43,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,6 +154,21 @@ class EngineStats:
     """Requests this process aborted (client cancelled, deadline passed, or error)."""
 
 
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set inside the block, the old values back after it."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def is_cpu_backend() -> bool:
     from vllm.platforms import current_platform
 
@@ -255,15 +270,20 @@ class Engine:
         if Path(self.model).is_dir():
             # A local directory needs no hub; never let a missing file send us to one.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # Read by the spawned engine core process at start; set for that moment only, so that
+        # other processes this one starts later (a training worker in tests) do not inherit them.
+        env: dict[str, str] = {}
+        if self.config.cpu_omp_threads_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_omp_threads_bind
         if self.config.cpu_kvcache_space_gib is not None:
-            # Read by the spawned engine core process at start.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.cpu_kvcache_space_gib:g}"
+            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.cpu_kvcache_space_gib:g}"
         if self._tokenizer is None:
             progress(f"engine: loading tokenizer of {self.model}")
             self._tokenizer = await asyncio.to_thread(self._load_tokenizer)
         progress(f"engine: starting vLLM on {self.model} (this takes a while)")
         t0 = time.monotonic()
-        self._llm = await asyncio.to_thread(self._build_llm)
+        with _environ(env):
+            self._llm = await asyncio.to_thread(self._build_llm)
         self.started_at = self.serving_since = time.time()
         progress(f"engine: ready in {time.monotonic() - t0:.0f} s")
         return self

@@ -32,8 +32,8 @@ def worker_factory(tmp_path: Path, redis_url: str) -> Iterator[object]:
     """Start real `instructloop worker` processes; all are stopped at the end."""
     started: list[WorkerProc] = []
 
-    def start(pool: str = "prefork") -> WorkerProc:
-        w = WorkerProc(redis_url, tmp_path / f"worker-{len(started)}.log", pool=pool)
+    def start(pool: str = "prefork", cpus: set[int] | None = None) -> WorkerProc:
+        w = WorkerProc(redis_url, tmp_path / f"worker-{len(started)}.log", pool=pool, cpus=cpus)
         started.append(w)
         return w.start()
 

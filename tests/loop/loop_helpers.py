@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from instructloop.redis_server import free_port
+from training.cycle import _die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,6 +69,54 @@ def build_tiny_llama(out: Path, tokenizer_from: Path, seed: int = 0) -> Path:
     for name in ("chat_template.jinja", "generation_config.json"):
         if (tokenizer_from / name).exists():
             shutil.copyfile(tokenizer_from / name, out / name)
+    return out
+
+
+ANSWER_SET = ("Yes.", "No.", "Maybe, it depends.", "I am not sure about that at all.")
+
+
+def build_tiny_answerer(
+    out: Path, tokenizer_from: Path, topics: list[str], steps: int = 120, seed: int = 0
+) -> Path:
+    """The tiny Llama taught (causal-LM loss on the answer, chat template applied) to answer
+    "Tell me about <topic>." with one of ANSWER_SET, each about equally often at T = 1: a policy
+    with a real choice to make (1, 1, 3 or 7 words), small enough to train in a test."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    build_tiny_llama(out, tokenizer_from, seed=seed)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+    model.train()
+    for _ in range(steps):
+        rows = []
+        for _ in range(16):
+            msgs = [{"role": "user", "content": f"Tell me about {rng.choice(topics)}."}]
+            prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            p_ids = tok(prompt, add_special_tokens=False).input_ids
+            a_ids = tok(rng.choice(ANSWER_SET) + tok.eos_token, add_special_tokens=False).input_ids
+            rows.append((p_ids, a_ids))
+        width = max(len(p) + len(a) for p, a in rows)
+        ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        target = torch.full_like(ids, -100)
+        for i, (p_ids, a_ids) in enumerate(rows):
+            seq = p_ids + a_ids
+            ids[i, : len(seq)] = torch.tensor(seq)
+            mask[i, : len(seq)] = 1
+            target[i, len(p_ids) - 1 : len(seq) - 1] = torch.tensor(a_ids)  # next-token targets
+        hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        sel = target != -100  # the head only where there is a target: 49k-way logits are dear
+        loss = torch.nn.functional.cross_entropy(model.lm_head(hidden[sel]), target[sel])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out)
     return out
 
 
@@ -211,6 +260,9 @@ class WorkerProc:
     log_path: Path
     pool: str = "prefork"
     metrics_port: int = field(default_factory=free_port)
+    cpus: set[int] | None = None
+    """Run the worker (and every training step it starts) on these CPUs only, as on a machine
+    of its own (its vLLM engines bound there too)."""
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 90) -> WorkerProc:
@@ -222,13 +274,25 @@ class WorkerProc:
             "--pool", self.pool, "--metrics-port", str(self.metrics_port),
             "--hostname", name, "--loglevel", "INFO",
         ]  # fmt: skip
+        env = loop_env(self.redis_url)
+        cpus = self.cpus
+        if cpus is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(cpus)))
+            env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+
+        def preexec() -> None:
+            _die_with_parent()  # a killed test run leaves no worker taking tasks
+            if cpus is not None:
+                os.sched_setaffinity(0, cpus)
+
         self.proc = subprocess.Popen(
             cmd,
-            env=loop_env(self.redis_url),
+            env=env,
             cwd=REPO,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=preexec,
         )
         log.close()
         start_size = 0

@@ -1,9 +1,12 @@
 """The whole loop, end to end, on the real parts: the service gets better from its users'
 feedback while it serves.
 
-1. The live service (InstructloopServer on vLLM, following the registry) serves the default
-   policy. Simulated users ask it for n=4 candidates over gRPC and rank them by a programmatic
-   preference (fewer words is better), with SubmitRanking.
+1. The live service (InstructloopServer on vLLM, following the registry) serves a policy that
+   has a real choice to make: a tiny Llama taught to answer "Tell me about X." with one of four
+   answers of 1, 1, 3 and 7 words (loop_helpers.build_tiny_answerer; the default model would
+   take an hour here, see benchmarks/learning.py). Simulated users ask it for n=4 candidates
+   over gRPC and rank them by a programmatic preference (fewer words is better), with
+   SubmitRanking.
 2. A cycle runs on a real `instructloop worker` process (Celery, Redis broker): snapshot ->
    reward model -> PPO-ptx -> evaluate -> gate -> promote.
 3. Clients keep calling the service all along; the served version changes under that load and
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
-from loop_helpers import REPO, loop_env, metric_value
+from loop_helpers import ANSWER_SET, REPO, build_tiny_answerer, loop_env, metric_value
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import (
@@ -48,7 +52,13 @@ HELD_OUT = [
     "tigers", "paper", "bridges", "storms",
 ]  # fmt: skip
 K = 4
-MAX_TOKENS = 48
+MAX_TOKENS = 16
+# Serving and training on machines of their own, as in production: on a small machine vLLM's
+# "auto" binding puts every engine on the first core, and a serving engine under load keeps a
+# core busy (its workers poll), so the two would starve each other.
+_CPUS = sorted(os.sched_getaffinity(0))
+SERVING_CPU = str(_CPUS[-1])
+TRAINING_CPUS = set(_CPUS[:-1]) or set(_CPUS)
 
 
 class Stubs:
@@ -72,9 +82,10 @@ def preference_order(texts: list[str]) -> list[int]:
 
 
 def _req(topic: str, seed: int, **kw: Any) -> completion_pb2.CompletionRequest:
+    kw.setdefault("max_tokens", MAX_TOKENS)
     return completion_pb2.CompletionRequest(
         messages=[completion_pb2.ChatMessage(role="user", content=ask(topic))],
-        max_tokens=MAX_TOKENS, temperature=1.0, seed=seed, **kw,
+        temperature=1.0, seed=seed, **kw,
     )  # fmt: skip
 
 
@@ -99,20 +110,21 @@ def win_rate(new: list[str], old: list[str]) -> float:
 
 
 def cycle_config(work: Path) -> dict[str, Any]:
-    """Small but real stages on the default model; the gate passes any candidate, because this
-    test measures the improvement itself, through the service."""
+    """Real stages sized for the tiny policy (learning rates to match its size); the gate
+    passes any candidate, because this test measures the improvement itself, through the
+    service."""
     return {
         "work_dir": str(work),
         "min_feedback": 8,
-        "reward_model": {"epochs": 2, "lr": 3e-5, "batch_size": 8, "max_length": 160,
+        "reward_model": {"epochs": 4, "lr": 1e-3, "batch_size": 8, "max_length": 96,
                          "device": "cpu"},
         "ppo": {
-            "total_episodes": 96, "batch_size": 16, "minibatch_size": 4, "ppo_epochs": 1,
-            "lr": 1e-5, "critic_lr": 3e-5, "warmup_steps": 0, "max_new_tokens": MAX_TOKENS,
-            "max_prompt_length": 64, "gamma_ptx": 1.0, "ptx_batch_size": 2,
-            "ptx_max_length": 64, "device": "cpu", "seed": 0,
+            "total_episodes": 128, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
+            "lr": 3e-3, "critic_lr": 3e-3, "warmup_steps": 0, "max_new_tokens": MAX_TOKENS,
+            "max_prompt_length": 96, "gamma_ptx": 1.0, "ptx_batch_size": 2,
+            "ptx_max_length": 32, "device": "cpu", "seed": 0,
         },
-        "evaluate": {"n_prompts": 6, "max_tokens": 32, "batch_size": 4, "device": "cpu"},
+        "evaluate": {"n_prompts": 4, "max_tokens": 16, "batch_size": 4, "device": "cpu"},
         "gate_min_win_rate_rm": 0.0,
         "gate_min_win_rate_judge": 0.0,
         "gate_max_ptx_loss_increase": 1e9,
@@ -134,21 +146,30 @@ async def constant_load(s: Served, stop: asyncio.Event, seen: list[str], errors:
             except Exception as e:  # each one fails the test below
                 errors.append(e)
             n += 1
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def answerer(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_answerer(tmp_path_factory.mktemp("answerer") / "policy", model_dir, TOPICS)
 
 
 async def test_feedback_improves_the_served_policy_under_load(
-    redis_client: Any, redis_url: str, model_dir: Path, worker_factory: Any, tmp_path: Path
+    redis_client: Any, redis_url: str, answerer: Path, worker_factory: Any, tmp_path: Path
 ) -> None:
     reg = ModelRegistry(redis_url)
-    v1 = reg.ensure_live(model_dir).version
+    v1 = reg.ensure_live(answerer).version
     async with running_server(
-        None, redis_url, follow_live=True, swap_poll_s=1.0, feedback_rate_limit_per_minute=0
-    ) as s:
+        None, redis_url, follow_live=True, swap_poll_s=1.0, feedback_rate_limit_per_minute=0,
+        dtype="float32", max_model_len=1024,
+        cpu_omp_threads_bind=SERVING_CPU,
+    ) as s:  # fmt: skip
         assert s.engine.model_version == v1
         async with grpc.aio.insecure_channel(s.address) as ch:
             st = Stubs(ch)
             before = await sample(s, ch, HELD_OUT, seed=10_000)
+            answers = {x for _, xs in before.values() for x in xs}
+            assert len(answers & set(ANSWER_SET)) >= 3, answers  # the choice is really there
             # 1. users ask for K candidates and rank them (the paper's K-way rankings)
             for i, topic in enumerate(TOPICS * 2):
                 resp = await st.completion.Complete(
@@ -165,11 +186,11 @@ async def test_feedback_improves_the_served_policy_under_load(
                 )  # fmt: skip
 
             # 2. + 3. a cycle on a real worker while clients keep calling
-            worker = worker_factory()
+            worker = worker_factory(cpus=TRAINING_CPUS)
             stop = asyncio.Event()
             seen: list[str] = []
             errors: list[Any] = []
-            load = [asyncio.create_task(constant_load(s, stop, seen, errors)) for _ in range(2)]
+            load = [asyncio.create_task(constant_load(s, stop, seen, errors))]
             cfg = tmp_path / "cycle.json"
             cfg.write_text(json.dumps(cycle_config(tmp_path / "cycles")))
             proc = await asyncio.create_subprocess_exec(
@@ -213,4 +234,4 @@ async def test_feedback_improves_the_served_policy_under_load(
         for name, d in (("before", before), ("after", after))
     }
     print(f"\nheld-out win rate of {live.version} over {v1}: {rate:.3f}; words {mean_words}")
-    assert rate > 0.55, (rate, mean_words)
+    assert rate > 0.6, (rate, mean_words)
