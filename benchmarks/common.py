@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -98,3 +99,15 @@ class Proc:
 
 def python() -> str:
     return sys.executable
+
+
+def fresh_redis(name: str) -> Any:
+    """A private durable redis-server (AOF, appendfsync always) on an empty directory of its own:
+    nothing from an earlier run (whose AOF would be replayed) leaks into this one."""
+    import shutil
+
+    from instructloop.redis_server import RedisProcess
+
+    d = RESULTS_DIR / "tmp" / name
+    shutil.rmtree(d, ignore_errors=True)
+    return RedisProcess(dir=d).start()

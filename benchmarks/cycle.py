@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO, RESULTS_DIR, Proc, machine, python, write_results
+from benchmarks.common import REPO, RESULTS_DIR, Proc, fresh_redis, machine, python, write_results
 from benchmarks.serving import ENGINE_ENV, MAX_MODEL_LEN, wait_grpc
 
 USER_KEY, ADMIN_KEY = "bench-user", "bench-admin"
@@ -117,13 +117,13 @@ async def wait_serving(port: int, version: str, timeout: float = 600) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from instructloop.paths import default_model_dir
-    from instructloop.redis_server import RedisProcess, free_port
+    from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
     from training.cycle import STEPS, CycleStore
 
     model_dir = Path(args.model or default_model_dir())
     work = RESULTS_DIR / "work" / "cycle"
-    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "cycle-redis").start()
+    redis = fresh_redis("cycle-redis")
     env = {
         **ENGINE_ENV, "REDIS_URL": redis.url, "INSTRUCTLOOP_API_KEYS": USER_KEY,
         "INSTRUCTLOOP_ADMIN_KEYS": ADMIN_KEY, "TOKENIZERS_PARALLELISM": "false",

@@ -16,7 +16,7 @@ import random
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, machine, percentile, write_results
+from benchmarks.common import RESULTS_DIR, fresh_redis, machine, percentile, write_results
 from benchmarks.serving import API_KEY, start_instructloop, wait_grpc
 
 TARGET_RPS = 2000
@@ -93,7 +93,7 @@ def main() -> None:
     import redis as redis_lib
 
     from instructloop.paths import default_model_dir
-    from instructloop.redis_server import RedisProcess, free_port
+    from instructloop.redis_server import free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -104,7 +104,7 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
 
-    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "feedback-redis").start()
+    redis = fresh_redis("feedback-redis")
     port = free_port()
     proc = start_instructloop(
         model_dir, port, free_port(), redis.url, RESULTS_DIR / "logs" / "feedback-server.log"

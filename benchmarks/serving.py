@@ -22,7 +22,15 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, Proc, machine, percentile, python, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    Proc,
+    fresh_redis,
+    machine,
+    percentile,
+    python,
+    write_results,
+)
 
 MAX_TOKENS = 128
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
@@ -339,7 +347,7 @@ def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
 
 def main() -> None:
     from instructloop.paths import default_model_dir
-    from instructloop.redis_server import RedisProcess, free_port
+    from instructloop.redis_server import free_port
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
@@ -354,7 +362,7 @@ def main() -> None:
 
     procs: list[Proc] = []
     clients: dict[str, tuple] = {}
-    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "serving-redis").start()
+    redis = fresh_redis("serving-redis")
     try:
         # Both servers are up together (an idle engine takes no CPU), so their runs can
         # alternate; see bench_interleaved.

@@ -26,7 +26,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import RESULTS_DIR, Proc, machine, percentile, python, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    Proc,
+    fresh_redis,
+    machine,
+    percentile,
+    python,
+    write_results,
+)
 from benchmarks.serving import ENGINE_ENV, MAX_MODEL_LEN, MAX_TOKENS, prompts, wait_grpc
 
 USER_KEY, ADMIN_KEY = "bench-user", "bench-admin"
@@ -161,7 +169,7 @@ def _lat(reqs: list[Req]) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from instructloop.paths import default_model_dir
-    from instructloop.redis_server import RedisProcess, free_port
+    from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
     from serving.testing import perturb_checkpoint
 
@@ -173,7 +181,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         perturb_checkpoint(model_dir, pert)
     texts = prompts(model_dir, 64)
 
-    redis = RedisProcess(dir=RESULTS_DIR / "tmp" / "swap-redis").start()
+    redis = fresh_redis("swap-redis")
     registry = ModelRegistry(redis.url)
     procs: list[Proc] = []
     try:
