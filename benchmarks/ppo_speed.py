@@ -4,14 +4,15 @@
     python -m benchmarks.ppo_speed [--batch 16] [--minibatch 4] [--response-length 64]
                                    [--steps 3] [--warmup 1] [--model DIR]
 
-Same for both: the policy (default: SmolLM2-135M-Instruct, trained in float32), the reference (a
-frozen copy), the reward and value models (one sequence-classification model made from the policy
-with a seeded random head: speed does not depend on what the head learned), the prompts (chat
-template applied), rollout batch, minibatch, 1 PPO epoch, response length limit with EOS
-stopping, temperature 1, plain PPO (TRL has no ptx term). Each side first runs `warmup` steps
-that are not timed (engine start, first allocations); samples/s = timed steps × batch / their
-wall time. Tokens/s (response tokens sampled per second) is given too, since the two sides
-sample their own responses and EOS ends them at different lengths.
+Same for both: the policy (default: SmolLM2-135M-Instruct, trained in float32, or under bf16
+autocast with `--precision bf16`, both sides alike), the reference (a frozen copy), the reward
+and value models (one sequence-classification model made from the policy with a seeded random
+head: speed does not depend on what the head learned), the prompts (chat template applied),
+rollout batch, minibatch, 1 PPO epoch, response length limit with EOS stopping, temperature 1,
+plain PPO (TRL has no ptx term). Each side first runs `warmup` steps that are not timed (engine
+start, first allocations); samples/s = timed steps × batch / their wall time. Tokens/s (response
+tokens sampled per second) is given too, since the two sides sample their own responses and EOS
+ends them at different lengths.
 
 Results: benchmarks/results/ppo_speed.json and ppo_speed.md.
 """
@@ -89,6 +90,7 @@ def child_ours(a: argparse.Namespace) -> dict[str, Any]:
         gamma_ptx=0.0,
         warmup_steps=0,
         kl_stop=None,
+        mixed_precision="bf16" if a.precision == "bf16" else "no",
         seed=a.seed,
         progress=False,
         log_path=str(work / "ours-metrics.jsonl"),
@@ -163,7 +165,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
         save_strategy="no",
         logging_steps=1,
         use_cpu=not torch.cuda.is_available(),
-        bf16=False,
+        bf16=a.precision == "bf16",
         seed=a.seed,
         disable_tqdm=True,
     )
@@ -247,7 +249,8 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"{r['date']}, {r['machine']['platform']}, {r['machine']['cpu_count']} CPUs"
         f"{', ' + r['machine']['cuda'] if r['machine']['cuda'] else ''}; model "
-        f"{Path(s['model']).name}, batch {s['batch']}, minibatch {s['minibatch']}, 1 PPO epoch, "
+        f"{Path(s['model']).name}, {s.get('precision', 'fp32')} on both sides, batch "
+        f"{s['batch']}, minibatch {s['minibatch']}, 1 PPO epoch, "
         f"≤ {s['response_length']} response tokens (EOS stops), {s['steps']} timed steps after "
         f"{s['warmup']} warm-up; load average before/after "
         f"{r['machine']['load_average'][0]:.1f}/{r['load_average_after'][0]:.1f}.",
@@ -281,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--minibatch", type=int, default=4)
     ap.add_argument("--response-length", type=int, default=64)
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="both sides alike: float32, or bf16 autocast over float32 weights (TRL bf16=True)",
+    )
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -333,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             str(a.minibatch),
             "--response-length",
             str(a.response_length),
+            "--precision",
+            a.precision,
             "--steps",
             str(a.steps),
             "--warmup",
@@ -364,7 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": os.getloadavg(),
         "settings": {
             k: getattr(a, k)
-            for k in ("model", "batch", "minibatch", "response_length", "steps", "warmup", "seed")
+            for k in (
+                "model",
+                "batch",
+                "minibatch",
+                "response_length",
+                "steps",
+                "warmup",
+                "seed",
+                "precision",
+            )
         },
         "results": results,
         "work_dir": str(work),
