@@ -106,13 +106,19 @@ async def _run_level(
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    return _level(name, concurrency, n_requests, failed, wall, samples), samples
+
+
+def _level(
+    name: str, c: int, requests: int, failed: int, wall: float, samples: list[Sample]
+) -> LevelResult:
     tokens = sum(s.output_tokens for s in samples)
     ttft = [s.ttft_s for s in samples]
     e2e = [s.e2e_s for s in samples]
-    res = LevelResult(
+    return LevelResult(
         server=name,
-        concurrency=concurrency,
-        requests=n_requests,
+        concurrency=c,
+        requests=requests,
         failed=failed,
         output_tokens=tokens,
         wall_s=round(wall, 3),
@@ -122,7 +128,6 @@ async def _run_level(
         e2e_p50_s=round(percentile(e2e, 50), 4),
         e2e_p99_s=round(percentile(e2e, 99), 4),
     )
-    return res, samples
 
 
 # --- vLLM's OpenAI-compatible server -------------------------------------------------------
@@ -297,22 +302,10 @@ async def bench_interleaved(
 
 
 def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> LevelResult:
-    tokens = sum(r.output_tokens for r in runs)
+    """One level's reps as one: all tokens over all wall time, percentiles over all requests."""
     wall = sum(r.wall_s for r in runs)
-    ttft = [s.ttft_s for s in samples]
-    e2e = [s.e2e_s for s in samples]
-    return LevelResult(
-        server=name,
-        concurrency=c,
-        requests=sum(r.requests for r in runs),
-        failed=sum(r.failed for r in runs),
-        output_tokens=tokens,
-        wall_s=round(wall, 3),
-        output_tok_per_s=round(tokens / wall, 2),
-        ttft_p50_s=round(percentile(ttft, 50), 4),
-        ttft_p99_s=round(percentile(ttft, 99), 4),
-        e2e_p50_s=round(percentile(e2e, 50), 4),
-        e2e_p99_s=round(percentile(e2e, 99), 4),
+    return _level(
+        name, c, sum(r.requests for r in runs), sum(r.failed for r in runs), wall, samples
     )
 
 

@@ -54,3 +54,24 @@ def hf_greedy(ckpt: Path, prompts: list[str], n: int, dtype: str) -> list[list[i
     del model
     gc.collect()
     return out
+
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Give three tips for learning a new language.",
+    "Explain what a prime number is.",
+]
+
+
+def chat_prompts(model_dir: Path, questions: list[str] = QUESTIONS) -> list[str]:
+    """The questions as single-turn chats, rendered with the model's template (as served)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    return [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q in questions
+    ]

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ckpt_helpers import edit_checkpoint, hf_greedy, perturb_checkpoint
+from ckpt_helpers import chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
 
 from instructloop import weight_sync as ws
 
@@ -40,12 +40,6 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engi
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MAX_NEW = 32
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give three tips for learning a new language.",
-    "Explain what a prime number is.",
-]
 ENGINE_ARGS: dict[str, Any] = {"max_model_len": 1024, "enforce_eager": True}
 
 
@@ -71,18 +65,6 @@ def ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "wrong_shape": edit_checkpoint(model_dir, root / "wrong_shape", wrong_shape),
         "missing": edit_checkpoint(model_dir, root / "missing", missing),
     }
-
-
-def _prompts(model_dir: Path) -> list[str]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    return [
-        tok.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in QUESTIONS
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +248,7 @@ async def _all(llm, prompts: list[str]) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def prompts(model_dir: Path) -> list[str]:
-    return _prompts(model_dir)
+    return chat_prompts(model_dir)
 
 
 @pytest.fixture(scope="module")

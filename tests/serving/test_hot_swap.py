@@ -36,7 +36,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
-from ckpt_helpers import edit_checkpoint, hf_greedy, perturb_checkpoint
+from ckpt_helpers import QUESTIONS, chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
 from serving_helpers import chat, redis_state, rpc_error, stored_completion, stubs
 
 from instructloop.registry import ModelRegistry
@@ -48,12 +48,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.engine]
 SWAP_DB = 13  # its own database: other packages flush 15, the serving session uses 14
 N_REF = 40  # reference tokens per prompt
 MAX_TOKENS = 32
-QUESTIONS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Give three tips for learning a new language.",
-    "Explain what a prime number is.",
-]
 REPLICA = {
     "dtype": "float32",
     "max_model_len": 1024,
@@ -81,18 +75,6 @@ class World:
         return self.refs[name]
 
 
-def _chat_prompts(model_dir: Path) -> list[str]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    return [
-        tok.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q in QUESTIONS
-    ]
-
-
 @pytest.fixture(scope="module")
 def swap_ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hot_swap")
@@ -110,7 +92,7 @@ def swap_ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.fixture(scope="module")
 def swap_refs(swap_ckpts: dict[str, Path], model_dir: Path) -> dict[str, list[list[int]]]:
-    prompts = _chat_prompts(model_dir)
+    prompts = chat_prompts(model_dir)
     refs = {n: hf_greedy(swap_ckpts[n], prompts, N_REF, "float32") for n in ("orig", "pert")}
     # Every question's greedy answers part before either ends (EOS or MAX_TOKENS), so each
     # response names its version by its tokens, and a mix of the two matches neither.
@@ -207,6 +189,14 @@ async def wait_serving(replicas: list[Served], version: str, timeout: float = 12
 async def admin(s: Served, method: str, request: Any) -> model_pb2.ServingModel:
     async with grpc.aio.insecure_channel(s.address) as ch:
         return await getattr(stubs(ch).model, method)(request, metadata=s.admin_md)
+
+
+async def until(cond: Any, timeout: float = 60.0) -> None:
+    """Wait for `cond()` to hold (the replica reacts to the registry on its own); fail if not."""
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < timeout, "timed out"
+        await asyncio.sleep(0.1)
 
 
 def metric(s: Served, name: str, **labels: str) -> float:
@@ -357,11 +347,7 @@ async def test_bad_checkpoints_leave_the_old_version_serving_with_an_alert(
 
     # 1. Wrong tensor shape: refused by validation before anything pauses.
     w.registry.promote(w.versions["wrong_shape"])
-    for _ in range(600):
-        if metric(w.a, "instructloop_swap_failed") == 1:
-            break
-        await asyncio.sleep(0.1)
-    assert metric(w.a, "instructloop_swap_failed") == 1
+    await until(lambda: metric(w.a, "instructloop_swap_failed") == 1)
     assert metric(w.a, "instructloop_replica_behind_live") == 1
     assert metric(w.a, "instructloop_swaps_total", outcome="failed") == failed_before + 1
     assert w.a.server.swapper is not None and "shape" in (w.a.server.swapper.last_error or "")
@@ -374,21 +360,13 @@ async def test_bad_checkpoints_leave_the_old_version_serving_with_an_alert(
     v_changed = w.registry.register(changed, source="test").version
     shutil.copyfile(w.ckpts["pert"] / "model.safetensors", changed / "model.safetensors")
     w.registry.promote(v_changed)
-    for _ in range(600):
-        if "changed since" in (w.a.server.swapper.last_error or ""):
-            break
-        await asyncio.sleep(0.1)
-    assert "changed since" in (w.a.server.swapper.last_error or "")
+    await until(lambda: "changed since" in (w.a.server.swapper.last_error or ""))
     assert metric(w.a, "instructloop_swaps_total", outcome="failed") == failed_before + 2
     assert (await greedy(w, w.a, 2))[0] == v_pert
 
     # Back to a good version: the alert clears.
     w.registry.promote(v_pert)
-    for _ in range(600):
-        if metric(w.a, "instructloop_swap_failed") == 0:
-            break
-        await asyncio.sleep(0.1)
-    assert metric(w.a, "instructloop_swap_failed") == 0
+    await until(lambda: metric(w.a, "instructloop_swap_failed") == 0)
     assert metric(w.a, "instructloop_replica_behind_live") == 0
 
 
