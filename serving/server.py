@@ -59,6 +59,8 @@ from serving.hot_swap import HotSwapper
 from serving.metrics import ServerMetrics
 
 log = logging.getLogger("instructloop.serving")
+_STOP_STEP_S = 5.0
+"""How long stop() waits for each background task set and Redis client to finish."""
 
 ROLES = ("system", "user", "assistant")
 MAX_SEED = 2**63 - 1
@@ -975,9 +977,10 @@ class InstructloopServer:
         # reaches the engine process too) must not be restarted.
         for t in self._tasks:
             t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(BaseException):
-                await t
+        if self._tasks:
+            # Bounded: a task stuck in a client library (redis-py reconnecting to a Redis that
+            # went away) must not keep the server from stopping.
+            await asyncio.wait(self._tasks, timeout=_STOP_STEP_S)
         self._tasks.clear()
         if self._server is not None:
             with contextlib.suppress(Exception):
@@ -987,8 +990,11 @@ class InstructloopServer:
         self.metrics.stop()
         if self._own_engine and self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
-        await self.store.close()
-        await self.registry.close()
+        for close in (self.store.close, self.registry.close):
+            try:
+                await asyncio.wait_for(close(), _STOP_STEP_S)
+            except Exception as e:  # a dead Redis: nothing left to flush on a closed pool
+                log.warning("closing a Redis client on stop failed: %s", e)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
