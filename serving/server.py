@@ -980,7 +980,9 @@ class InstructloopServer:
         if self._tasks:
             # Bounded: a task stuck in a client library (redis-py reconnecting to a Redis that
             # went away) must not keep the server from stopping.
-            await asyncio.wait(self._tasks, timeout=_STOP_STEP_S)
+            _, pending = await asyncio.wait(self._tasks, timeout=_STOP_STEP_S)
+            for t in pending:
+                log.warning("stop: background task %s did not finish; left behind", t.get_name())
         self._tasks.clear()
         if self._server is not None:
             with contextlib.suppress(Exception):
@@ -993,7 +995,7 @@ class InstructloopServer:
         for close in (self.store.close, self.registry.close):
             try:
                 await asyncio.wait_for(close(), _STOP_STEP_S)
-            except Exception as e:  # a dead Redis: nothing left to flush on a closed pool
+            except Exception as e:  # a dead Redis: acks were written before they were sent
                 log.warning("closing a Redis client on stop failed: %s", e)
 
     async def wait_for_termination(self) -> None:
