@@ -27,6 +27,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def offline_engine_env(kv_cache_gib: float) -> None:
+    """Environment for an offline vLLM engine (`vllm.LLM`) started in this process: its CPU KV
+    cache size, and no core held back for the scheduler. vLLM's CPU backend reserves one core
+    for its scheduler process by default, which suits a server; an offline engine driven one
+    `generate` batch at a time leaves that core idle, and on 2 cores it samples 1.5x faster
+    without the reservation (288 -> 437 tok/s, 32 x 64 tokens, SmolLM2-135M, 2026-12-02).
+    Variables the caller already set win; no effect on a GPU."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 class DataError(ValueError):
     """A training data file that cannot be used; the message names the file and line."""
 

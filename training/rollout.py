@@ -10,7 +10,6 @@ tests/training/test_ppo.py checks that against transformers' greedy decoding on 
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -46,7 +45,9 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.3,
     ) -> None:
         # Read by the CPU backend when the engine starts; a small cache leaves room for training.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
+        from training.common import offline_engine_env
+
+        offline_engine_env(kv_cache_gib)
         from vllm import LLM
 
         from instructloop.weight_sync import engine_kwargs

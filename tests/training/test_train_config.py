@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,21 @@ def test_cli_train_sft(
     assert not (tmp_path / "rm").exists()
     assert main(["train", "ppo", "--show-config"]) == 0
     assert json.loads(capsys.readouterr().out)["gamma_ptx"] == 27.8
+
+
+def test_offline_engine_env_fills_defaults_and_keeps_callers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from training.common import offline_engine_env
+
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    offline_engine_env(2.4)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    # What the operator set stays.
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "8")
+    offline_engine_env(1.0)
+    assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "8"

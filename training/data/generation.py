@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +61,9 @@ class Sampler:
 
     def __init__(self, model_dir: str | Path, cfg: SamplerConfig | None = None) -> None:
         self.cfg = cfg or SamplerConfig()
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.cpu_kvcache_gib))
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from training.common import offline_engine_env
+
+        offline_engine_env(self.cfg.cpu_kvcache_gib)
         from vllm import LLM
 
         self.model_dir = str(model_dir)
