@@ -36,7 +36,6 @@ def offline_engine_env(kv_cache_gib: float) -> None:
     Variables the caller already set win; no effect on a GPU."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(kv_cache_gib))))
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 class DataError(ValueError):
