@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import time
 from pathlib import Path
@@ -89,6 +90,25 @@ async def load(port: int, completions, concurrency: int, seconds: float, users: 
     return latencies, errors, wall
 
 
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process and its children (the server's vLLM
+    engine core is a child)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for name, pid in pids.items():
+        total = 0.0
+        proc = psutil.Process(pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.Error:
+                continue
+            total += t.user + t.system
+        out[name] = total
+    return out
+
+
 def main() -> None:
     import redis as redis_lib
 
@@ -115,9 +135,12 @@ def main() -> None:
         client = redis_lib.Redis.from_url(redis.url)
         fsync = client.config_get("appendfsync")["appendfsync"]
         keys_before = client.dbsize()
+        pids = {"server": proc.proc.pid, "redis": redis.proc.pid, "load_generator": os.getpid()}
+        cpu0 = cpu_seconds(pids)
         lat, errors, wall = asyncio.run(
             load(port, completions, args.concurrency, args.seconds, args.users)
         )
+        cpu1 = cpu_seconds(pids)
         keys_after = client.dbsize()
         client.close()
     finally:
@@ -138,6 +161,8 @@ def main() -> None:
         "p50_s": round(p50, 5),
         "p99_s": round(p99, 5),
         "redis_keys_added": keys_after - keys_before,
+        # Share of one core each used during the load (2 cores = 2.0 in all).
+        "cpu_cores_used": {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in pids},
         "target": {"rps": TARGET_RPS, "p99_s": TARGET_P99_S},
         "met": rps >= TARGET_RPS and p99 < TARGET_P99_S,
     }
@@ -149,7 +174,10 @@ def main() -> None:
         "|---:|---|---:|---:|---:|---|\n"
         f"| {ok} | {errors or 'none'} | {rps:.0f} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | "
         f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "
-        f"{'met' if payload['met'] else 'missed'} |\n"
+        f"{'met' if payload['met'] else 'missed'} |\n\n"
+        "CPU during the load, in cores: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in payload["cpu_cores_used"].items())
+        + f" (of {meta['cores']}).\n"
     )
     out = write_results("feedback", payload, md)
     print(md)

@@ -188,6 +188,57 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+def attention_implementation(name: str, device: torch.device) -> str:
+    """The `attn_implementation` to load trained models with (see StageConfig)."""
+    if name != "auto":
+        return name
+    return "eager" if device.type == "cpu" else "sdpa"
+
+
+def train_model_kwargs(cfg: Any, device: torch.device) -> dict[str, Any]:
+    """`from_pretrained` keywords of a model a stage trains (or runs beside one it trains):
+    float32 master weights, the stage's attention kernels."""
+    import torch
+
+    return {
+        "dtype": torch.float32,
+        "attn_implementation": attention_implementation(cfg.attn_implementation, device),
+    }
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """glibc malloc: serve large blocks from the heap and never trim it (M_MMAP_THRESHOLD,
+    M_TRIM_THRESHOLD), so the tensors a training step frees are reused by the next step instead
+    of being unmapped and page-faulted in again. Once per process; False where there is no glibc
+    (macOS, musl) or it refused."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    ok = bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
+    _ALLOCATOR_TUNED = ok
+    return ok
+
+
+def prepare_runtime(cfg: Any, device: torch.device) -> None:
+    """Process-level settings a stage asks for before it loads models."""
+    if device.type == "cpu" and getattr(cfg, "cpu_allocator_tuning", False):
+        tune_cpu_allocator()
+
+
 def autocast(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
     """bf16 autocast around forward passes (weights stay float32), or nothing."""
     import torch

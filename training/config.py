@@ -45,6 +45,15 @@ class StageConfig:
     server loads the new checkpoint exactly as it loaded the old one."""
     gradient_checkpointing: bool = False
     """Trade compute for activation memory (useful on GPUs for the larger models)."""
+    attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
+    """Attention kernels of the models this stage trains. "auto": eager on the CPU, sdpa
+    elsewhere. PyTorch's CPU SDPA backward ran about 8x its own forward here, and a PPO update
+    (SmolLM2-135M, minibatch 4, bf16) took 13.3 s with sdpa and 10.7 s with eager
+    (benchmarks/ppo_speed.py, 2026-12-02)."""
+    cpu_allocator_tuning: bool = True
+    """On Linux/glibc CPUs, keep freed memory in the heap (mallopt) so that the per-step weight
+    casts and gradients do not page-fault fresh memory every minibatch: a PPO update went
+    10.7 -> 9.0 s. The process keeps its peak memory until it exits."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm (not in the paper; standard, and a NaN guard)."""
     parent_version: str | None = None

@@ -62,7 +62,11 @@ def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H(π(·|x_≤t)) = -Σ_v p_v log p_v per position: `[B, T, V]` -> `[B, T]`."""
-    logp = F.log_softmax(logits.float(), dim=-1)
+    return entropy_from_logprobs(F.log_softmax(logits.float(), dim=-1))
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """The same from log-probabilities already computed: `[B, T, V]` -> `[B, T]`."""
     return -(logp.exp() * logp).sum(-1)
 
 

@@ -45,15 +45,17 @@ from training.common import (
     load_tokenizer,
     model_dtype_name,
     pad_batch,
+    prepare_runtime,
     prompt_text_of,
     read_jsonl,
     resolve_device,
     resolve_model_path,
     set_seed,
+    train_model_kwargs,
 )
 from training.config import ConfigError, PPOConfig, config_to_dict, validate
 from training.losses import (
-    entropy_from_logits,
+    entropy_from_logprobs,
     gae,
     kl_estimate,
     masked_mean,
@@ -153,14 +155,21 @@ def policy_logprobs(
     only at the response positions, not over the prompt. π is the distribution vLLM sampled
     from: softmax(logits / temperature).
     """
+    import torch
     import torch.nn.functional as F
 
     body, head = causal_lm_parts(model)
     hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
     pos = response_positions(batch.query_lens, batch.mask.shape[1], hidden.shape[1])
-    logits = head(gather_positions(hidden, pos)).float() / temperature
-    logp = F.log_softmax(logits, dim=-1).gather(-1, batch.response_ids[..., None]).squeeze(-1)
-    ent = entropy_from_logits(logits) if with_entropy else None
+    logits = head(gather_positions(hidden, pos)).float()
+    if temperature != 1.0:  # a [B, R, vocab] pass saved in the usual case
+        logits = logits / temperature
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.response_ids[..., None]).squeeze(-1)
+    ent = None
+    if with_entropy:  # a metric: from the same log-softmax, outside the autograd graph
+        with torch.no_grad():
+            ent = entropy_from_logprobs(logp_all)
     return logp, ent
 
 
@@ -491,7 +500,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
     from training.reward_model import RewardScorer, backbone_and_head
 
     policy_path = resolve_model_path(cfg.policy_path)
-    actor = AutoModelForCausalLM.from_pretrained(policy_path, dtype=torch.float32).to(device)
+    kw = train_model_kwargs(cfg, device)
+    actor = AutoModelForCausalLM.from_pretrained(policy_path, **kw).to(device)
     actor.config.use_cache = False
     reference = None
     reference_path = resolve_model_path(cfg.reference_path or policy_path)
@@ -499,7 +509,7 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
     # reference: no second copy. A different reference model is loaded as such.
     same = Path(reference_path).resolve() == Path(policy_path).resolve()
     if not (cfg.use_lora and same):
-        reference = AutoModelForCausalLM.from_pretrained(reference_path, dtype=torch.float32)
+        reference = AutoModelForCausalLM.from_pretrained(reference_path, **kw)
         reference.to(device).eval().requires_grad_(False)
     scorer = None
     if cfg.reward_model_path:
@@ -507,12 +517,13 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
             cfg.reward_model_path,
             device=device,
             max_length=cfg.max_prompt_length + cfg.max_new_tokens + 1,
+            mixed_precision=cfg.mixed_precision,
         )
     # The critic starts from the RM (paper); with a programmatic reward, from the policy with a
     # zero value head (every state worth 0 until it learns otherwise).
     value_path = cfg.value_model_path or cfg.reward_model_path
     critic = AutoModelForSequenceClassification.from_pretrained(
-        resolve_model_path(value_path or policy_path), num_labels=1, dtype=torch.float32
+        resolve_model_path(value_path or policy_path), num_labels=1, **kw
     ).to(device)
     critic.config.use_cache = False
     if not value_path:
@@ -576,6 +587,7 @@ def run_ppo(
         raise ConfigError("give exactly one reward: reward_model_path, reward_fn or a callable")
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    prepare_runtime(cfg, device)
 
     # Data first: a bad file fails before any model is loaded.
     tok = load_tokenizer(resolve_model_path(cfg.policy_path))

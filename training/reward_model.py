@@ -41,12 +41,14 @@ from training.common import (
     load_tokenizer,
     model_dtype_name,
     pad_batch,
+    prepare_runtime,
     prompt_text_of,
     read_jsonl,
     resolve_device,
     resolve_model_path,
     set_seed,
     split_rows,
+    train_model_kwargs,
 )
 from training.config import ConfigError, RewardModelConfig, config_to_dict, validate
 from training.losses import cosine_lr_factor, kway_ranking_loss, ordered_pairs, pairwise_accuracy
@@ -139,6 +141,7 @@ class RewardScorer:
         max_length: int = 1024,
         batch_size: int = 8,
         dtype: torch.dtype | None = None,
+        mixed_precision: str = "no",
     ) -> None:
         import torch
         from transformers import AutoModelForSequenceClassification
@@ -154,20 +157,26 @@ class RewardScorer:
         self.std = float(getattr(self.model.config, STD_KEY, 1.0) or 1.0)
         self.max_length = max_length
         self.batch_size = batch_size
+        self.mixed_precision = mixed_precision
+        """"bf16": score under bf16 autocast (PPO does when it trains under bf16)."""
 
     def score_ids(self, seqs: list[list[int]], *, normalize: bool = False) -> list[float]:
         """Rewards of token id sequences (prompt + response, EOS included when it ended)."""
         import torch
 
-        out: list[float] = []
+        out: list[float] = [0.0] * len(seqs)
         pad = int(self.model.config.pad_token_id or 0)
-        with torch.no_grad():
-            for i in range(0, len(seqs), self.batch_size):
-                ids, attn = pad_batch(seqs[i : i + self.batch_size], pad, self.device)
-                r = sequence_rewards(self.model, ids, attn) + self.bias
+        # Batches of similar lengths pad less; each score goes back to its place.
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        with torch.no_grad(), autocast(self.device, self.mixed_precision):
+            for i in range(0, len(order), self.batch_size):
+                rows = order[i : i + self.batch_size]
+                ids, attn = pad_batch([seqs[j] for j in rows], pad, self.device)
+                r = sequence_rewards(self.model, ids, attn).float() + self.bias
                 if normalize:
                     r = r / self.std
-                out.extend(r.tolist())
+                for j, v in zip(rows, r.tolist(), strict=True):
+                    out[j] = v
         return out
 
     def score(self, prompts: list[str], responses: list[str], **kw: Any) -> list[float]:
@@ -205,6 +214,7 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
         raise ConfigError(f"{cfg.output_dir} exists (set overwrite=true to replace it)")
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    prepare_runtime(cfg, device)
     model_path = resolve_model_path(cfg.model_path)
     tok = load_tokenizer(model_path)
 
@@ -231,7 +241,7 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
     # -- model: backbone + scalar head (small random init as OpenRLHF: std 1/(d+1))
     pad_id = reward_pad_token_id(tok)
     model = AutoModelForSequenceClassification.from_pretrained(
-        model_path, num_labels=1, dtype=torch.float32
+        model_path, num_labels=1, **train_model_kwargs(cfg, device)
     ).to(device)
     model.config.pad_token_id = pad_id
     model.config.use_cache = False

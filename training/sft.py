@@ -29,12 +29,14 @@ from training.common import (
     load_tokenizer,
     model_dtype_name,
     pad_batch,
+    prepare_runtime,
     prompt_text_of,
     read_jsonl,
     resolve_device,
     resolve_model_path,
     set_seed,
     split_rows,
+    train_model_kwargs,
 )
 from training.config import ConfigError, SFTConfig, config_to_dict, validate
 from training.losses import cosine_lr_factor, lm_loss
@@ -91,6 +93,7 @@ def run_sft(cfg: SFTConfig) -> CheckpointInfo:
         raise ConfigError(f"{cfg.output_dir} exists (set overwrite=true to replace it)")
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
+    prepare_runtime(cfg, device)
     model_path = resolve_model_path(cfg.model_path)
     tok = load_tokenizer(model_path)
 
@@ -105,7 +108,9 @@ def run_sft(cfg: SFTConfig) -> CheckpointInfo:
         train, val = [by_id[id(r)] for r in tr], [by_id[id(r)] for r in va]
 
     # -- model: float32 master weights; residual dropout 0.2 (paper) while training
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device)
+    model = AutoModelForCausalLM.from_pretrained(model_path, **train_model_kwargs(cfg, device)).to(
+        device
+    )
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

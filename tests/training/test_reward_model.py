@@ -113,6 +113,23 @@ def test_plain_transformers_reads_the_same_reward(
         assert raw + bias == pytest.approx(scorer.score([row["prompt_text"]], [resp])[0], abs=1e-4)
 
 
+def test_scorer_batches_by_length_and_keeps_the_order(tiny_rm: Any, data_dir: Path) -> None:
+    """Sequences of mixed lengths, scored in length-sorted batches, come back in their own
+    order with the score each gets alone; bf16 autocast scores stay close to float32."""
+    rows = [json.loads(x) for x in (data_dir / "rankings.jsonl").read_text().splitlines()]
+    # Lengths out of order: 7, 1, 5, 2, 8, 3, 6, 4 words.
+    counts = [7, 1, 5, 2, 8, 3, 6, 4]
+    prompts = [rows[i]["prompt_text"] for i in range(len(counts))]
+    resps = [" ".join(["apple", "pear"] * n)[: 11 * n] for n in counts]
+    one = RewardScorer(tiny_rm.path)
+    alone = [one.score([p], [r])[0] for p, r in zip(prompts, resps, strict=True)]
+    batched = RewardScorer(tiny_rm.path, batch_size=3).score(prompts, resps)
+    assert batched == pytest.approx(alone, abs=1e-5)
+    bf16 = RewardScorer(tiny_rm.path, batch_size=3, mixed_precision="bf16").score(prompts, resps)
+    assert bf16 == pytest.approx(alone, rel=0.05, abs=0.05)
+    assert bf16 != pytest.approx(alone, abs=1e-7)  # it did run under autocast
+
+
 def test_rankings_that_teach_nothing_or_are_malformed_are_refused(
     tiny_sft: Any, tmp_path: Path
 ) -> None:

@@ -66,6 +66,7 @@ def test_json_toml_and_overrides(tmp_path: Path) -> None:
         ({"use_lora": 1}, "unknown"),
         ({"adam_betas": [0.9]}, "adam_betas: expected a list of 2"),
         ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"attn_implementation": "flash"}, "attn_implementation"),
         ({"epochs": 0}, "epochs must be >= 1"),
         ({"batch_size": 6, "grad_accum": 4}, "multiple of grad_accum"),
     ],
@@ -132,3 +133,51 @@ def test_offline_engine_env_fills_defaults_and_keeps_callers(
     offline_engine_env(1.0)
     assert os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "8"
+
+
+def test_attention_kernels_eager_on_cpu_and_same_outputs(tiny_model_dir: Path) -> None:
+    """ "auto" picks eager on the CPU (faster backward there) and sdpa elsewhere; an explicit
+    choice stands; and the choice changes kernels, not results."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from training.common import attention_implementation, train_model_kwargs
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_implementation("auto", cpu) == "eager"
+    assert attention_implementation("auto", cuda) == "sdpa"
+    assert attention_implementation("sdpa", cpu) == "sdpa"
+    kw = train_model_kwargs(PPOConfig(), cpu)
+    assert kw == {"dtype": torch.float32, "attn_implementation": "eager"}
+    eager = AutoModelForCausalLM.from_pretrained(tiny_model_dir, **kw)
+    sdpa = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, **train_model_kwargs(PPOConfig(attn_implementation="sdpa"), cpu)
+    )
+    assert eager.config._attn_implementation == "eager"
+    assert sdpa.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[1, 5, 9, 13, 2, 7], [3, 4, 8, 0, 0, 0]])
+    attn = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        a = eager(input_ids=ids, attention_mask=attn).logits
+        b = sdpa(input_ids=ids, attention_mask=attn).logits
+    real = attn.bool()
+    torch.testing.assert_close(a[real], b[real], atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_allocator_tuning_once_and_harmless() -> None:
+    import sys
+
+    import torch
+
+    from training.common import prepare_runtime, tune_cpu_allocator
+
+    if not sys.platform.startswith("linux"):
+        assert tune_cpu_allocator() is False
+        return
+    assert tune_cpu_allocator() is True
+    assert tune_cpu_allocator() is True  # idempotent
+    prepare_runtime(PPOConfig(), torch.device("cpu"))
+    # Large blocks still allocate, free and hold their values.
+    x = torch.ones(64, 1 << 20)
+    assert float(x.sum()) == 64 * (1 << 20)
+    del x
