@@ -91,15 +91,16 @@ async def load(port: int, completions, concurrency: int, seconds: float, users: 
 
 
 def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds so far of each process and its children (the server's vLLM
-    engine core is a child)."""
+    """User + system CPU seconds so far of each process, with its children (the server's vLLM
+    engine core is one) except for this process, whose children are the server and Redis."""
     import psutil
 
     out: dict[str, float] = {}
     for name, pid in pids.items():
         total = 0.0
         proc = psutil.Process(pid)
-        for p in [proc, *proc.children(recursive=True)]:
+        kids = proc.children(recursive=True) if pid != os.getpid() else []
+        for p in [proc, *kids]:
             try:
                 t = p.cpu_times()
             except psutil.Error:

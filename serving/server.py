@@ -67,12 +67,10 @@ MAX_SEED = 2**63 - 1
 COMPLETION_SERVICE = completion_pb2.DESCRIPTOR.services_by_name["CompletionService"].full_name
 FEEDBACK_SERVICE = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 MODEL_SERVICE = model_pb2.DESCRIPTOR.services_by_name["ModelService"].full_name
-# Services anyone may call without a key (probes and tooling).
-PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class RpcFailure(Exception):
-    """Ends an RPC with `code` and `message` (the interceptor turns it into the status)."""
+    """Ends an RPC with `code` and `message` (RpcGuard turns it into the status)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
@@ -628,46 +626,48 @@ def _rpc_name(method: str) -> str:
     return method.rsplit("/", 1)[-1] or method
 
 
-class Interceptor(grpc.aio.ServerInterceptor):
-    """Authentication, RpcFailure -> status, and per-RPC metrics, around every handler."""
+class RpcGuard:
+    """Authentication, RpcFailure -> status, and per-RPC metrics, around every handler.
+
+    Each method handler is wrapped once, when its service is registered (`register`), not per
+    call: a grpc.aio ServerInterceptor runs its own coroutine chain and handler lookup on every
+    RPC, a noticeable share of a small RPC's time (benchmarks/feedback.py). The key is checked
+    inside the wrapped handler from the call's metadata.
+    """
 
     def __init__(self, auth: Authenticator, metrics: ServerMetrics) -> None:
         self.auth = auth
         self.metrics = metrics
-        # One wrapped handler per (method, denial): building it per call cost a noticeable
-        # share of a small RPC's time (benchmarks/feedback.py).
-        self._wrapped: dict[tuple[str, str | None], grpc.RpcMethodHandler] = {}
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        method: str = details.method  # type: ignore[attr-defined]
-        if handler is None or method.startswith(PUBLIC_PREFIXES):
-            return handler
-        deny: str | None = None
-        if self.auth.enabled:
-            md = dict(details.invocation_metadata or ())  # type: ignore[attr-defined]
-            raw = md.get("authorization")
-            role = self.auth.role(raw if isinstance(raw, str) else None)
-            if role is None:
-                deny = "key"
-            elif method.startswith(f"/{MODEL_SERVICE}/") and role != "admin":
-                deny = "admin"
-        wrapped = self._wrapped.get((method, deny))
-        if wrapped is None:
-            wrapped = self._wrapped[(method, deny)] = self._wrap(handler, _rpc_name(method), deny)
-        return wrapped
+    def register(self, add_to_server: Callable[[Any, Any], None], servicer: Any, server: Any):
+        """`add_FooServicer_to_server(servicer, server)`, with every handler wrapped."""
+        add_to_server(servicer, _WrappingRegistrar(server, self))
 
-    def _wrap(
-        self, handler: grpc.RpcMethodHandler, rpc: str, deny: str | None
-    ) -> grpc.RpcMethodHandler:
+    def _denial(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        if not self.auth.enabled:
+            return None
+        raw = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                raw = value
+                break
+        role = self.auth.role(raw if isinstance(raw, str) else None)
+        if role is None:
+            return "key"
+        if method.startswith(f"/{MODEL_SERVICE}/") and role != "admin":
+            return "admin"
+        return None
+
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         m = self.metrics
+        rpc = _rpc_name(method)
+        # Labelled children looked up once (each .labels() call takes a lock and a dict lookup).
+        in_flight = m.in_flight.labels(rpc)
+        latency = m.request_latency.labels(rpc)
+        ok = m.requests.labels(rpc, grpc.StatusCode.OK.name)
+        denial = self._denial
 
-        async def finish(context: grpc.aio.ServicerContext, err: BaseException | None) -> None:
-            code = grpc.StatusCode.OK
+        async def finish(context: grpc.aio.ServicerContext, err: BaseException) -> None:
             if isinstance(err, RpcFailure):
                 code = err.code
             elif isinstance(err, asyncio.CancelledError):
@@ -677,12 +677,12 @@ class Interceptor(grpc.aio.ServerInterceptor):
                     if remaining is not None and remaining <= 0
                     else grpc.StatusCode.CANCELLED
                 )
-            elif err is not None:
+            else:
                 code = grpc.StatusCode.INTERNAL
             m.requests.labels(rpc, code.name).inc()
             if isinstance(err, RpcFailure):
                 await context.abort(err.code, err.message)
-            elif err is not None and not isinstance(err, asyncio.CancelledError):
+            elif not isinstance(err, asyncio.CancelledError):
                 log.exception("%s failed", rpc, exc_info=err)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {err}")
 
@@ -691,9 +691,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 t0 = time.monotonic()
-                gauge = m.in_flight.labels(rpc)
-                gauge.inc()
+                in_flight.inc()
                 try:
+                    deny = denial(method, context)
                     if deny is not None:
                         raise _denial(deny)
                     resp = await inner(request, context)
@@ -701,11 +701,11 @@ class Interceptor(grpc.aio.ServerInterceptor):
                     await finish(context, e)
                     raise
                 else:
-                    await finish(context, None)
+                    ok.inc()
                     return resp
                 finally:
-                    gauge.dec()
-                    m.request_latency.labels(rpc).observe(time.monotonic() - t0)
+                    in_flight.dec()
+                    latency.observe(time.monotonic() - t0)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -718,9 +718,9 @@ class Interceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 t0 = time.monotonic()
-                gauge = m.in_flight.labels(rpc)
-                gauge.inc()
+                in_flight.inc()
                 try:
+                    deny = denial(method, context)
                     if deny is not None:
                         raise _denial(deny)
                     async for resp in inner_s(request, context):
@@ -731,17 +731,51 @@ class Interceptor(grpc.aio.ServerInterceptor):
                     await finish(context, e)
                     raise
                 else:
-                    await finish(context, None)
+                    ok.inc()
                 finally:
-                    gauge.dec()
-                    m.request_latency.labels(rpc).observe(time.monotonic() - t0)
+                    in_flight.dec()
+                    latency.observe(time.monotonic() - t0)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler  # client-streaming kinds: none in our protos
+        raise TypeError(f"{method}: client-streaming handlers are not guarded (none in our protos)")
+
+
+class _WrappingRegistrar:
+    """Stands in for the server while a generated `add_*Servicer_to_server` registers a
+    service, so that the server receives the guarded handlers only. Generated code registers a
+    service twice, as a generic handler and as registered methods (grpcio >= 1.62); both get
+    the same wrapped handlers."""
+
+    def __init__(self, server: Any, guard: RpcGuard) -> None:
+        self._server = server
+        self._guard = guard
+        self._wrapped: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def _wrap_all(self, service: str, handlers: dict[str, Any]) -> dict[str, Any]:
+        if service not in self._wrapped:
+            self._wrapped[service] = {
+                name: self._guard.wrap(h, f"/{service}/{name}") for name, h in handlers.items()
+            }
+        return self._wrapped[service]
+
+    def add_generic_rpc_handlers(self, generic_handlers: Any) -> None:
+        for g in generic_handlers:
+            service = g.service_name()
+            handlers = getattr(g, "_method_handlers", None)
+            if not isinstance(handlers, dict):
+                raise TypeError(f"cannot guard the generic handler of {service}")
+            names = {k.rsplit("/", 1)[-1]: v for k, v in handlers.items()}
+            wrapped = self._wrap_all(service, names)
+            self._server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, wrapped),)
+            )
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self._server.add_registered_method_handlers(service, self._wrap_all(service, handlers))
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,15 +898,23 @@ class InstructloopServer:
         self.metrics.engine_up.set(1)
 
         server = grpc.aio.server(
-            interceptors=[Interceptor(self.auth, self.metrics)],
             options=[
                 ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
                 ("grpc.so_reuseport", 0),
             ],
         )
-        completion_pb2_grpc.add_CompletionServiceServicer_to_server(CompletionService(self), server)
-        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(FeedbackService(self), server)
-        model_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(self), server)
+        guard = RpcGuard(self.auth, self.metrics)
+        guard.register(
+            completion_pb2_grpc.add_CompletionServiceServicer_to_server,
+            CompletionService(self),
+            server,
+        )
+        guard.register(
+            feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, FeedbackService(self), server
+        )
+        guard.register(
+            model_pb2_grpc.add_ModelServiceServicer_to_server, ModelService(self), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
