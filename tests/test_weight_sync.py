@@ -389,7 +389,10 @@ def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: lis
 
     fresh = fresh_tokens(ckpts["pert"], prompts, "bfloat16")
     hf = hf_greedy(ckpts["pert"], prompts, 4, "bfloat16")
-    assert [t[:4] for t in fresh] == hf  # first steps agree; later bf16 may part ways
+    # The first greedy token agrees; later bf16 steps may part ways (on an AMX Xeon vLLM's and
+    # torch's bf16 kernels parted at token 3 or 4 of one prompt, run to run, 2026-12-02). The
+    # exact reload checks are fresh-vs-reloaded below and the fp32 tests above.
+    assert [t[:1] for t in fresh] == [t[:1] for t in hf]
 
     llm = offline_engine(ckpts["orig"], "bfloat16")
     try:
