@@ -643,7 +643,8 @@ class RpcGuard:
         """`add_FooServicer_to_server(servicer, server)`, with every handler wrapped."""
         add_to_server(servicer, _WrappingRegistrar(server, self))
 
-    def _denial(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+    def _refusal(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
+        """ "key" (missing or wrong key), "admin" (a user key on ModelService) or None."""
         if not self.auth.enabled:
             return None
         raw = None
@@ -665,7 +666,7 @@ class RpcGuard:
         in_flight = m.in_flight.labels(rpc)
         latency = m.request_latency.labels(rpc)
         ok = m.requests.labels(rpc, grpc.StatusCode.OK.name)
-        denial = self._denial
+        refusal = self._refusal
 
         async def finish(context: grpc.aio.ServicerContext, err: BaseException) -> None:
             if isinstance(err, RpcFailure):
@@ -693,7 +694,7 @@ class RpcGuard:
                 t0 = time.monotonic()
                 in_flight.inc()
                 try:
-                    deny = denial(method, context)
+                    deny = refusal(method, context)
                     if deny is not None:
                         raise _denial(deny)
                     resp = await inner(request, context)
@@ -720,7 +721,7 @@ class RpcGuard:
                 t0 = time.monotonic()
                 in_flight.inc()
                 try:
-                    deny = denial(method, context)
+                    deny = refusal(method, context)
                     if deny is not None:
                         raise _denial(deny)
                     async for resp in inner_s(request, context):

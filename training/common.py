@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
 
+    from training.config import StageConfig
+
 # No hub downloads at run time: every model here is a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -195,7 +197,7 @@ def attention_implementation(name: str, device: torch.device) -> str:
     return "eager" if device.type == "cpu" else "sdpa"
 
 
-def train_model_kwargs(cfg: Any, device: torch.device) -> dict[str, Any]:
+def train_model_kwargs(cfg: StageConfig, device: torch.device) -> dict[str, Any]:
     """`from_pretrained` keywords of a model a stage trains (or runs beside one it trains):
     float32 master weights, the stage's attention kernels."""
     import torch
@@ -233,9 +235,9 @@ def tune_cpu_allocator() -> bool:
     return ok
 
 
-def prepare_runtime(cfg: Any, device: torch.device) -> None:
+def prepare_runtime(cfg: StageConfig, device: torch.device) -> None:
     """Process-level settings a stage asks for before it loads models."""
-    if device.type == "cpu" and getattr(cfg, "cpu_allocator_tuning", False):
+    if device.type == "cpu" and cfg.cpu_allocator_tuning:
         tune_cpu_allocator()
 
 
