@@ -152,6 +152,10 @@ class RewardModelConfig(StageConfig):
     """Prompt + response tokens per scored sequence (prompt cut from the left)."""
     max_responses: int = 9
     """Largest K used from one ranking (paper: K = 4 to 9); longer rankings keep the top K."""
+    trainable_layers: int | None = None
+    """Train only the top N decoder layers and the head; the embeddings and the layers below
+    are frozen, and their output is computed once per response for all epochs
+    (training/trunk.py). None = the whole backbone trains (paper)."""
 
 
 @dataclass
@@ -263,6 +267,13 @@ class PPOConfig(StageConfig):
     """Dropout on the LoRA path."""
     lora_target_modules: str = "all-linear"
     """peft target_modules: "all-linear" or a comma-separated list of module names."""
+
+    trainable_layers: int | None = None
+    """Train only the top N decoder layers of the actor and the critic (and their heads); the
+    embeddings and the layers below are frozen (trlx: num_layers_unfrozen). The frozen trunk
+    then runs once per rollout, shared by the old log-probs, the reference (when it is the
+    policy's start) and every PPO epoch (training/trunk.py): on a CPU a step costs a fraction.
+    None = every weight trains (paper). Not with use_lora."""
 
     # -- rollout engine
     vllm_dtype: str = "auto"
@@ -431,6 +442,15 @@ def validate(cfg: StageConfig) -> None:
         )
         need(cfg.gamma_ptx == 0 or bool(cfg.ptx_path), "gamma_ptx > 0 needs ptx_path")
         need(cfg.ema_decay is None or 0.0 < cfg.ema_decay < 1.0, "ema_decay must be in (0, 1)")
+        need(
+            not (cfg.use_lora and cfg.trainable_layers is not None),
+            "use_lora and trainable_layers are alternatives: set one",
+        )
+    if isinstance(cfg, RewardModelConfig | PPOConfig):
+        need(
+            cfg.trainable_layers is None or cfg.trainable_layers >= 1,
+            "trainable_layers must be >= 1 (or null: all)",
+        )
 
 
 def config_to_dict(cfg: StageConfig) -> dict[str, Any]:

@@ -64,7 +64,8 @@ from training.losses import (
     ptx_loss,
     value_loss,
 )
-from training.reward_model import token_scores
+from training.reward_model import backbone_and_head, token_scores
+from training.trunk import freeze_lower, lower_hidden, upper_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -78,6 +79,21 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 # ---------------------------------------------------------------------------------------------
 # Batch layout
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrunkSplit:
+    """How many bottom layers of the actor and the critic are frozen (`trainable_layers`), and
+    whether the reference shares the actor's frozen trunk (it does when it is the policy's
+    starting point: the trunk never trains, so its output is the reference's too)."""
+
+    actor: int = 0
+    critic: int = 0
+    reference_shares_actor: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.actor > 0 or self.critic > 0
 
 
 @dataclass
@@ -98,6 +114,11 @@ class RolloutBatch:
     returns: torch.Tensor
     scores: torch.Tensor  # [B] the score added at the end (normalised, penalised, clipped)
     stats: dict[str, float] = field(default_factory=dict)
+    # With `trainable_layers`: the frozen trunks' outputs `[B, T, H]`, computed once per rollout
+    # and reused by every pass over it (training/trunk.py); None when the whole model trains.
+    actor_lower: torch.Tensor | None = None
+    critic_lower: torch.Tensor | None = None
+    trunk: TrunkSplit = field(default_factory=TrunkSplit)
 
     def select(self, idx: torch.Tensor) -> RolloutBatch:
         """The rows `idx`, trimmed to the longest sequence among them."""
@@ -116,6 +137,9 @@ class RolloutBatch:
             advantages=self.advantages[idx, :r],
             returns=self.returns[idx, :r],
             scores=self.scores[idx],
+            actor_lower=None if self.actor_lower is None else self.actor_lower[idx, :t],
+            critic_lower=None if self.critic_lower is None else self.critic_lower[idx, :t],
+            trunk=self.trunk,
         )
 
 
@@ -148,18 +172,26 @@ def policy_logprobs(
     temperature: float,
     *,
     with_entropy: bool = False,
+    lower: torch.Tensor | None = None,
+    n_frozen: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t | x, y_<t) of the response tokens `[B, R]` (and the entropy of π at each).
 
     The LM head (hidden x 49k vocabulary for SmolLM2, the largest matmul of a small model) runs
     only at the response positions, not over the prompt. π is the distribution vLLM sampled
-    from: softmax(logits / temperature).
+    from: softmax(logits / temperature). `lower`: the frozen trunk's output for this batch, so
+    only the `n_frozen`-and-up layers run.
     """
     import torch
     import torch.nn.functional as F
 
     body, head = causal_lm_parts(model)
-    hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    if lower is not None:
+        hidden = upper_hidden(body, lower, batch.attention_mask, n_frozen)
+    else:
+        hidden = body(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask
+        ).last_hidden_state
     pos = response_positions(batch.query_lens, batch.mask.shape[1], hidden.shape[1])
     logits = head(gather_positions(hidden, pos)).float()
     if temperature != 1.0:  # a [B, R, vocab] pass saved in the usual case
@@ -175,7 +207,13 @@ def policy_logprobs(
 
 def critic_values(critic: Any, batch: RolloutBatch) -> torch.Tensor:
     """V(s_t) `[B, R]`: the value head at the position before each response token."""
-    v = token_scores(critic, batch.input_ids, batch.attention_mask)
+    v = token_scores(
+        critic,
+        batch.input_ids,
+        batch.attention_mask,
+        lower=batch.critic_lower,
+        n_frozen=batch.trunk.critic,
+    )
     pos = response_positions(batch.query_lens, batch.mask.shape[1], v.shape[1])
     return gather_positions(v, pos)
 
@@ -224,6 +262,16 @@ def shape_scores(
             s = max(-clip, min(clip, s))
         out.append(s)
     return out
+
+
+def reward_model_inputs(rollouts: list[Rollout], eos_id: int | None) -> list[list[int]]:
+    """What the reward model scores: prompt + response, with an EOS appended to a response cut
+    at max_new_tokens. The RM was trained (and reads its score) at the EOS closing each
+    response, cut ones included (the export holds their text); a cut response's score read at
+    an arbitrary last token would be off its training distribution. The missing-EOS penalty,
+    not the RM, is what marks the cut."""
+    tail = [] if eos_id is None else [eos_id]
+    return [r.prompt_ids + r.response_ids + ([] if r.ended_with_eos else tail) for r in rollouts]
 
 
 def token_rewards(
@@ -281,7 +329,14 @@ def ppo_update(
         for i in range(0, b, cfg.minibatch_size):
             mb = batch.select(perm[i : i + cfg.minibatch_size].to(dev))
             with autocast(dev, cfg.mixed_precision):
-                logp, ent = policy_logprobs(actor, mb, cfg.temperature, with_entropy=True)
+                logp, ent = policy_logprobs(
+                    actor,
+                    mb,
+                    cfg.temperature,
+                    with_entropy=True,
+                    lower=mb.actor_lower,
+                    n_frozen=mb.trunk.actor,
+                )
                 values = critic_values(critic, mb)
             pg_loss, clipfrac = ppo_policy_loss(
                 logp, mb.logprobs, mb.advantages, mb.mask, cfg.cliprange
@@ -348,9 +403,11 @@ def make_batch(
     cfg: PPOConfig,
     pad_id: int,
     device: torch.device,
+    trunk: TrunkSplit | None = None,
 ) -> RolloutBatch:
     """Log-probs of the sampled tokens under the actor (π_old) and the reference, the critic's
-    values, per-token rewards, GAE advantages (whitened) and returns."""
+    values, per-token rewards, GAE advantages (whitened) and returns. With a `trunk` split, the
+    frozen trunks run here once and their outputs stay in the batch for the update."""
     import torch
 
     seqs = [r.prompt_ids + r.response_ids for r in rollouts]
@@ -367,14 +424,25 @@ def make_batch(
         input_ids=ids, attention_mask=attn, query_lens=qlens, response_ids=resp, mask=mask,
         logprobs=zero, ref_logprobs=zero, values=zero, rewards=zero, advantages=zero,
         returns=zero, scores=torch.tensor(scores, device=device, dtype=torch.float32),
+        trunk=trunk or TrunkSplit(),
     )  # fmt: skip
     actor.eval()
     critic.eval()
+    split = batch.trunk
     with torch.no_grad(), autocast(device, cfg.mixed_precision):
-        batch.logprobs, _ = policy_logprobs(actor, batch, cfg.temperature)
+        if split.active:
+            batch.actor_lower = lower_hidden(causal_lm_parts(actor)[0], ids, attn, split.actor)
+            batch.critic_lower = lower_hidden(backbone_and_head(critic)[0], ids, attn, split.critic)
+        batch.logprobs, _ = policy_logprobs(
+            actor, batch, cfg.temperature, lower=batch.actor_lower, n_frozen=split.actor
+        )
         if reference is None:  # LoRA on the reference: the actor without its adapters
             with actor.disable_adapter():
                 batch.ref_logprobs, _ = policy_logprobs(actor, batch, cfg.temperature)
+        elif split.reference_shares_actor:  # the same frozen trunk: only its top layers run
+            batch.ref_logprobs, _ = policy_logprobs(
+                reference, batch, cfg.temperature, lower=batch.actor_lower, n_frozen=split.actor
+            )
         else:
             batch.ref_logprobs, _ = policy_logprobs(reference, batch, cfg.temperature)
         batch.values = critic_values(critic, batch).float() * mask
@@ -492,12 +560,13 @@ def policy_state_dict(model: Any) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, Any, str]:
-    """(actor, reference or None with LoRA, critic, reward scorer or None, policy path)."""
+def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, Any, str, TrunkSplit]:
+    """(actor, reference or None with LoRA, critic, reward scorer or None, policy path, the
+    frozen-trunk split of `trainable_layers`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from training.reward_model import RewardScorer, backbone_and_head
+    from training.reward_model import RewardScorer
 
     policy_path = resolve_model_path(cfg.policy_path)
     kw = train_model_kwargs(cfg, device)
@@ -556,10 +625,20 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
                 modules_to_save=["score"],
             ),
         )
+    split = TrunkSplit()
+    if cfg.trainable_layers is not None:
+        try:
+            split = TrunkSplit(
+                actor=freeze_lower(causal_lm_parts(actor)[0], cfg.trainable_layers),
+                critic=freeze_lower(backbone_and_head(critic)[0], cfg.trainable_layers),
+                reference_shares_actor=same,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
         critic.gradient_checkpointing_enable()
-    return actor, reference, critic, scorer, policy_path
+    return actor, reference, critic, scorer, policy_path, split
 
 
 def run_ppo(
@@ -598,7 +677,7 @@ def run_ppo(
         ptx = ptx_stream(
             cfg.ptx_path, tok, cfg.ptx_max_length, cfg.ptx_batch_size, cfg.seed + 1, device
         )
-    actor, reference, critic, scorer, policy_path = load_models(cfg, device)
+    actor, reference, critic, scorer, policy_path, split = load_models(cfg, device)
     if scorer is not None and scorer.tokenizer.get_vocab() != tok.get_vocab():
         raise ConfigError("the reward model's tokenizer differs from the policy's")
     trainable = [p for p in actor.parameters() if p.requires_grad]
@@ -665,7 +744,7 @@ def run_ppo(
 
                 # 2. score: RM (+ bias) or the programmatic reward
                 if scorer is not None:
-                    raw = scorer.score_ids([r.prompt_ids + r.response_ids for r in rollouts])
+                    raw = scorer.score_ids(reward_model_inputs(rollouts, tok.eos_token_id))
                     std = scorer_std
                 else:
                     assert reward_fn is not None
@@ -698,6 +777,7 @@ def run_ppo(
                     cfg=cfg,
                     pad_id=tok.pad_token_id,
                     device=device,
+                    trunk=split,
                 )
                 lengths = [len(r.response_ids) for r in rollouts]
                 row: dict[str, Any] = {
@@ -818,6 +898,7 @@ __all__ = [
     "make_batch",
     "policy_state_dict",
     "ppo_update",
+    "reward_model_inputs",
     "run_ppo",
     "shape_scores",
     "token_rewards",

@@ -52,6 +52,7 @@ from training.common import (
 )
 from training.config import ConfigError, RewardModelConfig, config_to_dict, validate
 from training.losses import cosine_lr_factor, kway_ranking_loss, ordered_pairs, pairwise_accuracy
+from training.trunk import freeze_lower, lower_hidden, pad_hidden, upper_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -63,11 +64,18 @@ STD_KEY = "instructloop_reward_std"
 
 @dataclass(frozen=True)
 class RankingGroup:
-    """One prompt's K responses, tokenised, with their ranks (1 = best, equal = tie)."""
+    """One prompt's K responses, tokenised, with their ranks (1 = best, equal = tie). The
+    prompt's tokens are held once: every response of the group is scored after them."""
 
-    seqs: list[list[int]]
+    prompt: list[int]
+    responses: list[list[int]]  # each closed by EOS
     ranks: list[int]
     prompt_text: str
+
+    @property
+    def seqs(self) -> list[list[int]]:
+        """prompt + response, per response."""
+        return [self.prompt + r for r in self.responses]
 
 
 def load_rankings(
@@ -88,11 +96,77 @@ def load_rankings(
         # Keep the best max_responses (a stable sort keeps the file's order among ties).
         keep = sorted(range(len(responses)), key=lambda i: ranks[i])[:max_responses]
         prompt = prompt_text_of(row, tokenizer, where)
-        seqs = [
-            encode_prompt_response(tokenizer, prompt, responses[i], max_length)[0] for i in keep
-        ]
-        out.append((row, RankingGroup(seqs, [int(ranks[i]) for i in keep], prompt)))
+        enc = [encode_prompt_response(tokenizer, prompt, responses[i], max_length) for i in keep]
+        # One prompt for the group, cut (only past max_length) so that the longest response fits.
+        n_prompt = min(n for _, n in enc)
+        group = RankingGroup(
+            prompt=enc[0][0][: enc[0][1]][len(enc[0][0][: enc[0][1]]) - n_prompt :],
+            responses=[ids[n:] for ids, n in enc],
+            ranks=[int(ranks[i]) for i in keep],
+            prompt_text=prompt,
+        )
+        out.append((row, group))
     return out
+
+
+@dataclass(frozen=True)
+class PackedGroups:
+    """Ranking groups packed one row each: the prompt once, then its K responses, every response
+    attending to the prompt and to itself only, with positions that go on from the prompt's end
+    as if it stood alone after it. So a response's reward is exactly the one it gets scored
+    alone, and the prompt's tokens are computed once for the K responses, not K times."""
+
+    input_ids: torch.Tensor  # [B, L]
+    position_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, 1, L, L]: bool (True = attend), or additive for eager
+    lasts: list[list[int]]  # per group, the column of each response's last token (its EOS)
+    lengths: list[int]  # per group, its packed length
+
+
+def pack_groups(
+    groups: list[RankingGroup], pad_id: int, device: torch.device, attn_implementation: str
+) -> PackedGroups:
+    """Pack `groups` (one row each, right-padded to the longest). The mask is what the model's
+    attention takes as is: bool for sdpa, additive float (0 / dtype min) for eager."""
+    import torch
+
+    rows, segs, pos, lasts = [], [], [], []
+    for g in groups:
+        ids, seg, p, last = list(g.prompt), [-1] * len(g.prompt), list(range(len(g.prompt))), []
+        for k, r in enumerate(g.responses):
+            ids += r
+            seg += [k] * len(r)
+            p += range(len(g.prompt), len(g.prompt) + len(r))
+            last.append(len(ids) - 1)
+        rows.append(ids), segs.append(seg), pos.append(p), lasts.append(last)
+    width = max(len(r) for r in rows)
+    pad_seg = -2  # padding: attends to itself only (a row that attends to nothing is NaN)
+
+    def padded(xs: list[list[int]], fill: int) -> torch.Tensor:
+        return torch.tensor([x + [fill] * (width - len(x)) for x in xs], device=device)
+
+    seg_t = padded(segs, pad_seg)
+    causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    same = seg_t[:, :, None] == seg_t[:, None, :]
+    to_prompt = (seg_t[:, None, :] == -1) & (seg_t[:, :, None] != pad_seg)
+    allowed = (causal & (same | to_prompt))[:, None]
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, device=device).masked_fill(
+            ~allowed, torch.finfo(torch.float32).min
+        )
+    elif attn_implementation == "sdpa":
+        mask = allowed
+    else:
+        raise ValueError(
+            f"packed ranking groups need eager or sdpa attention, not {attn_implementation}"
+        )
+    return PackedGroups(
+        input_ids=padded(rows, pad_id),
+        position_ids=padded(pos, 0),
+        attention_mask=mask,
+        lasts=lasts,
+        lengths=[len(r) for r in rows],
+    )
 
 
 def reward_pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -112,19 +186,37 @@ def backbone_and_head(model: Any) -> tuple[Any, Any]:
     return getattr(inner, inner.base_model_prefix), inner.score
 
 
-def token_scores(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def token_scores(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    lower: torch.Tensor | None = None,
+    n_frozen: int = 0,
+):
     """The scalar head applied at every position: `[B, T]`. The RM reads the last real token; the
-    critic (PPO's value model, initialised from the RM) reads every position."""
+    critic (PPO's value model, initialised from the RM) reads every position. `lower`: the
+    frozen trunk's output for these inputs (training/trunk.py), so only the top layers run."""
     body, head = backbone_and_head(model)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    if lower is not None:
+        hidden = upper_hidden(body, lower, attention_mask, n_frozen)
+    else:
+        hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     return head(hidden).squeeze(-1).float()
 
 
-def sequence_rewards(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+def sequence_rewards(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    lower: torch.Tensor | None = None,
+    n_frozen: int = 0,
+):
     """r(x, y) per row: the head at the last real token (rows are right-padded): `[B]`."""
     import torch
 
-    scores = token_scores(model, input_ids, attention_mask)
+    scores = token_scores(model, input_ids, attention_mask, lower=lower, n_frozen=n_frozen)
     last = attention_mask.sum(1) - 1
     return scores[torch.arange(scores.shape[0], device=scores.device), last]
 
@@ -190,15 +282,29 @@ class RewardScorer:
     __call__ = score
 
 
-def group_rewards(model: Any, groups: list[RankingGroup], pad_id: int, device: torch.device):
-    """One forward pass over all responses of all groups; the rewards split back per group."""
-    seqs = [s for g in groups for s in g.seqs]
-    ids, attn = pad_batch(seqs, pad_id, device)
-    r = sequence_rewards(model, ids, attn)
-    out, i = [], 0
-    for g in groups:
-        out.append(r[i : i + len(g.seqs)])
-        i += len(g.seqs)
+def group_rewards(
+    model: Any,
+    groups: list[RankingGroup],
+    pad_id: int,
+    device: torch.device,
+    *,
+    lower: dict[int, torch.Tensor] | None = None,
+    n_frozen: int = 0,
+):
+    """One forward pass over all groups, packed (each prompt once, each response once): the
+    rewards `[K]` per group. `lower`: each group's cached trunk output (`[L, H]` of its packed
+    row, `trunk_outputs`), by id(group)."""
+    body, head = backbone_and_head(model)
+    packed = pack_groups(groups, pad_id, device, model.config._attn_implementation)
+    kw = {"attention_mask": packed.attention_mask, "position_ids": packed.position_ids}
+    if lower is not None:
+        trunk = pad_hidden([lower[id(g)] for g in groups])
+        hidden = upper_hidden(body, trunk, n_frozen=n_frozen, **kw)
+    else:
+        hidden = body(input_ids=packed.input_ids, **kw).last_hidden_state
+    out = []
+    for b, last in enumerate(packed.lasts):
+        out.append(head(hidden[b, last]).squeeze(-1).float())
     return out
 
 
@@ -250,9 +356,18 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
         head.weight.normal_(0.0, 1.0 / (model.config.hidden_size + 1))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    body = backbone_and_head(model)[0]
+    try:
+        n_frozen = freeze_lower(body, cfg.trainable_layers)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    lower = None
+    if cfg.trainable_layers is not None:
+        # The frozen trunk's output never changes: compute it once for every epoch.
+        lower = trunk_outputs(model, train, pad_id, device, cfg, n_frozen)
     head_params = list(head.parameters())
     head_ids = {id(p) for p in head_params}
-    body_params = [p for p in model.parameters() if id(p) not in head_ids]
+    body_params = [p for p in model.parameters() if id(p) not in head_ids and p.requires_grad]
     opt = adamw(
         [
             {"params": body_params, "lr": cfg.lr},
@@ -280,7 +395,9 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
                 for m0 in range(0, len(batch), micro):
                     mb = batch[m0 : m0 + micro]
                     with autocast(device, cfg.mixed_precision):
-                        rewards = group_rewards(model, mb, pad_id, device)
+                        rewards = group_rewards(
+                            model, mb, pad_id, device, lower=lower, n_frozen=n_frozen
+                        )
                     # InstructGPT eq. 1 per prompt; the batch loss is the mean over prompts.
                     losses = [
                         kway_ranking_loss(r, g.ranks) for r, g in zip(rewards, mb, strict=True)
@@ -343,6 +460,36 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
         config_updates={BIAS_KEY: bias, STD_KEY: std},
         overwrite=cfg.overwrite,
     )
+
+
+def trunk_outputs(
+    model: Any,
+    groups: list[RankingGroup],
+    pad_id: int,
+    device: torch.device,
+    cfg: RewardModelConfig,
+    n_frozen: int,
+) -> dict[int, torch.Tensor]:
+    """Each group's packed row through the frozen trunk, once: `[L, H]` by id(group).
+    Length-sorted micro-batches, so little is padded."""
+    body = backbone_and_head(model)[0]
+    ordered = sorted(groups, key=lambda g: len(g.prompt) + sum(map(len, g.responses)))
+    out: dict[int, torch.Tensor] = {}
+    step = max(1, cfg.batch_size // cfg.grad_accum)
+    for i in range(0, len(ordered), step):
+        chunk = ordered[i : i + step]
+        packed = pack_groups(chunk, pad_id, device, model.config._attn_implementation)
+        with autocast(device, cfg.mixed_precision):
+            h = lower_hidden(
+                body,
+                packed.input_ids,
+                packed.attention_mask,
+                n_frozen,
+                position_ids=packed.position_ids,
+            )
+        for row, (g, n) in enumerate(zip(chunk, packed.lengths, strict=True)):
+            out[id(g)] = h[row, :n].clone()
+    return out
 
 
 def score_sequences(

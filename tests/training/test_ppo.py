@@ -28,6 +28,7 @@ from training.ppo import (
     make_batch,
     ppo_update,
     ptx_stream,
+    reward_model_inputs,
     run_ppo,
     shape_scores,
     token_rewards,
@@ -68,6 +69,27 @@ def test_shape_scores_normalise_penalise_clip() -> None:
         [4.0, -12.0], [True, False], std=2.0, normalize=False, missing_eos_penalty=0.0, clip=None
     )
     assert got == pytest.approx([4.0, -12.0])
+
+
+def test_reward_model_scores_cut_responses_at_an_appended_eos(tiny_rm: Any) -> None:
+    """The RM learnt to read its score at the EOS that closes every ranked response (cut ones
+    too): PPO scores a response cut at max_new_tokens with that EOS appended, so the score of a
+    cut rollout is exactly the scorer's score of its text; one that ended keeps its own EOS."""
+    from training.reward_model import RewardScorer
+
+    scorer = RewardScorer(tiny_rm.path)
+    tok, eos = scorer.tokenizer, scorer.tokenizer.eos_token_id
+    prompt = tok("Say apple", add_special_tokens=False)["input_ids"]
+    text = "apple apple river"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    cut, ended = Rollout(prompt, ids, text, False), Rollout(prompt, [*ids, eos], text, True)
+    seqs = reward_model_inputs([cut, ended], eos)
+    assert seqs == [[*prompt, *ids, eos], [*prompt, *ids, eos]]
+    assert reward_model_inputs([cut], None) == [[*prompt, *ids]]
+    got = scorer.score_ids(seqs)
+    assert got[0] == pytest.approx(scorer.score(["Say apple"], [text])[0], abs=1e-5)
+    # Read at the last response token instead, the same text scores differently.
+    assert scorer.score_ids([[*prompt, *ids]])[0] != pytest.approx(got[0], abs=1e-4)
 
 
 # -- experience layout against a plain transformers forward ------------------------------------

@@ -4,6 +4,7 @@ explicit pairs, the trained model ranks held-out responses, the bias centres the
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -28,33 +29,42 @@ from training.reward_model import (
 )
 
 
-def seq_cls(path: Path) -> Any:
+def seq_cls(path: Path, attn_implementation: str = "sdpa") -> Any:
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    m = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    m = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=torch.float32, attn_implementation=attn_implementation
+    )
     with torch.no_grad():
         m.score.weight.normal_(0, 0.5)
     return m.eval()
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_each_response_is_forwarded_once_and_pairs_come_from_its_scalar(
-    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path
+    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path, attn: str
 ) -> None:
     groups = [g for _, g in load_rankings(str(data_dir / "rankings.jsonl"), tiny_tokenizer, 256, 9)]
     groups = [groups[0], groups[1]]  # K = 4 each, the first with a tie (ranks 1 2 3 3)
+    groups[1] = dataclasses.replace(groups[1], prompt=groups[1].prompt[2:])  # rows differ
     assert groups[0].ranks == [1, 2, 3, 3]
-    model = seq_cls(tiny_sft.path)
+    model = seq_cls(tiny_sft.path, attn)
     pad = reward_pad_token_id(tiny_tokenizer)
-    rows_seen: list[int] = []
+    seen: list[torch.Tensor] = []
     body = model.model
-    handle = body.register_forward_hook(lambda _m, args, kw, _o: rows_seen.append(
-        kw["input_ids"].shape[0]), with_kwargs=True)  # fmt: skip
+    handle = body.register_forward_hook(
+        lambda _m, args, kw, _o: seen.append(kw["input_ids"]), with_kwargs=True
+    )
     with torch.no_grad():
         rewards = group_rewards(model, groups, pad, torch.device("cpu"))
     handle.remove()
-    # One pass with 4 + 4 rows, not two rows per pair (C(4,2) = 6 pairs, 5 without the tie).
-    assert rows_seen == [8]
+    # One pass, one packed row per group: its prompt once, then each of its 4 responses once
+    # (not two rows per pair, C(4,2) = 6 pairs, 5 without the tie; nor the prompt 4 times).
+    assert len(seen) == 1 and seen[0].shape[0] == 2
+    for row, g in zip(seen[0].tolist(), groups, strict=True):
+        packed = g.prompt + [t for r in g.responses for t in r]
+        assert row[: len(packed)] == packed and set(row[len(packed) :]) <= {pad}
 
     # Each reward equals the same response scored alone (padding does not leak), and the batch
     # loss equals the mean over the explicit strictly ordered pairs.
