@@ -65,7 +65,7 @@ from training.losses import (
     value_loss,
 )
 from training.reward_model import backbone_and_head, token_scores
-from training.trunk import freeze_lower, lower_hidden, upper_hidden
+from training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -84,12 +84,14 @@ RewardFn = Callable[[list[str], list[str]], list[float]]
 @dataclass(frozen=True)
 class TrunkSplit:
     """How many bottom layers of the actor and the critic are frozen (`trainable_layers`), and
-    whether the reference shares the actor's frozen trunk (it does when it is the policy's
-    starting point: the trunk never trains, so its output is the reference's too)."""
+    which models share the actor's frozen trunk: the reference when it is the policy's starting
+    point (the trunk never trains, so its output is the reference's too), the critic when its
+    trunk holds the same weights (a reward model trained with the same trainable_layers)."""
 
     actor: int = 0
     critic: int = 0
     reference_shares_actor: bool = False
+    critic_shares_actor: bool = False
 
     @property
     def active(self) -> bool:
@@ -432,7 +434,11 @@ def make_batch(
     with torch.no_grad(), autocast(device, cfg.mixed_precision):
         if split.active:
             batch.actor_lower = lower_hidden(causal_lm_parts(actor)[0], ids, attn, split.actor)
-            batch.critic_lower = lower_hidden(backbone_and_head(critic)[0], ids, attn, split.critic)
+            batch.critic_lower = (
+                batch.actor_lower
+                if split.critic_shares_actor
+                else lower_hidden(backbone_and_head(critic)[0], ids, attn, split.critic)
+            )
         batch.logprobs, _ = policy_logprobs(
             actor, batch, cfg.temperature, lower=batch.actor_lower, n_frozen=split.actor
         )
@@ -627,14 +633,20 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
         )
     split = TrunkSplit()
     if cfg.trainable_layers is not None:
+        actor_body, critic_body = causal_lm_parts(actor)[0], backbone_and_head(critic)[0]
         try:
-            split = TrunkSplit(
-                actor=freeze_lower(causal_lm_parts(actor)[0], cfg.trainable_layers),
-                critic=freeze_lower(backbone_and_head(critic)[0], cfg.trainable_layers),
-                reference_shares_actor=same,
-            )
+            n_actor = freeze_lower(actor_body, cfg.trainable_layers)
+            n_critic = freeze_lower(critic_body, cfg.trainable_layers)
         except ValueError as e:
             raise ConfigError(str(e)) from e
+        split = TrunkSplit(
+            actor=n_actor,
+            critic=n_critic,
+            reference_shares_actor=same,
+            critic_shares_actor=(
+                n_actor == n_critic and same_trunk(actor_body, critic_body, n_actor)
+            ),
+        )
     if cfg.gradient_checkpointing:
         actor.gradient_checkpointing_enable()
         critic.gradient_checkpointing_enable()

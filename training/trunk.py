@@ -55,6 +55,28 @@ def freeze_lower(body: Any, trainable_layers: int | None) -> int:
     return n_frozen
 
 
+def same_trunk(a: Any, b: Any, n_frozen: int) -> bool:
+    """Whether two bodies hold the same weights in their embeddings and `n_frozen` bottom
+    layers (then one trunk output serves both: a critic or reward model trained with the same
+    frozen trunk as the policy)."""
+    import torch
+
+    try:
+        la, lb = decoder_stack(a)[0], decoder_stack(b)[0]
+    except ValueError:
+        return False
+    if len(la) < n_frozen or len(lb) < n_frozen:
+        return False
+    pairs = [(a.embed_tokens, b.embed_tokens), *zip(la[:n_frozen], lb[:n_frozen], strict=True)]
+    for ma, mb in pairs:
+        pa, pb = dict(ma.named_parameters()), dict(mb.named_parameters())
+        if pa.keys() != pb.keys():
+            return False
+        if not all(torch.equal(pa[k], pb[k]) for k in pa):
+            return False
+    return True
+
+
 @contextlib.contextmanager
 def _only(body: Any, start: int, end: int, *, final_norm: bool) -> Iterator[None]:
     """Within the block, `body` runs layers [start, end) (and its norm only if `final_norm`)."""
@@ -125,4 +147,11 @@ def pad_hidden(rows: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-__all__ = ["decoder_stack", "freeze_lower", "lower_hidden", "pad_hidden", "upper_hidden"]
+__all__ = [
+    "decoder_stack",
+    "freeze_lower",
+    "lower_hidden",
+    "pad_hidden",
+    "same_trunk",
+    "upper_hidden",
+]

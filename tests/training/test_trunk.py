@@ -25,7 +25,7 @@ from training.common import pad_batch
 from training.config import ConfigError, PPOConfig, RewardModelConfig, validate
 from training.ppo import TrunkSplit, causal_lm_parts, make_batch, ppo_update, run_ppo
 from training.reward_model import backbone_and_head, run_reward_model
-from training.trunk import freeze_lower, lower_hidden, upper_hidden
+from training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
 
 CPU = torch.device("cpu")
 
@@ -77,20 +77,37 @@ def test_configs_refuse_bad_trainable_layers() -> None:
         validate(PPOConfig(trainable_layers=1, use_lora=True, gamma_ptx=0.0))
 
 
-def frozen_models(tiny_sft: Any) -> tuple[Any, Any, Any, TrunkSplit]:
+def frozen_models(tiny_sft: Any, share_critic: bool) -> tuple[Any, Any, Any, TrunkSplit]:
     actor, ref, critic = load_policy_models(tiny_sft.path)
+    body, critic_body = causal_lm_parts(actor)[0], backbone_and_head(critic)[0]
     split = TrunkSplit(
-        actor=freeze_lower(causal_lm_parts(actor)[0], 1),
-        critic=freeze_lower(backbone_and_head(critic)[0], 1),
+        actor=freeze_lower(body, 1),
+        critic=freeze_lower(critic_body, 1),
         reference_shares_actor=True,
+        critic_shares_actor=share_critic,
     )
+    assert same_trunk(body, critic_body, 1)  # all three start from the same checkpoint
     return actor, ref, critic, split
 
 
+def test_same_trunk_compares_only_the_frozen_weights(tiny_sft: Any) -> None:
+    actor, _, critic = load_policy_models(tiny_sft.path)
+    a, c = causal_lm_parts(actor)[0], backbone_and_head(critic)[0]
+    assert same_trunk(a, c, 1) and same_trunk(a, c, 2)
+    with torch.no_grad():
+        c.layers[1].mlp.up_proj.weight.add_(0.1)  # above a 1-layer trunk
+    assert same_trunk(a, c, 1) and not same_trunk(a, c, 2)
+    with torch.no_grad():
+        c.embed_tokens.weight[5].add_(0.1)
+    assert not same_trunk(a, c, 1) and not same_trunk(a, c, 0)
+    assert not same_trunk(a, torch.nn.Linear(2, 2), 1)
+
+
+@pytest.mark.parametrize("share_critic", [False, True])
 def test_make_batch_on_a_cached_trunk_equals_the_whole_forward(
-    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path
+    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path, share_critic: bool
 ) -> None:
-    actor, ref, critic, split = frozen_models(tiny_sft)
+    actor, ref, critic, split = frozen_models(tiny_sft, share_critic)
     rollouts = fixed_rollouts(tiny_tokenizer, data_dir)
     kw: dict[str, Any] = dict(
         actor=actor, reference=ref, critic=critic, cfg=small_cfg(kl_coef=0.1),
@@ -99,6 +116,7 @@ def test_make_batch_on_a_cached_trunk_equals_the_whole_forward(
     whole = make_batch(rollouts, [1.0, -1.0, 0.5, 2.0], **kw)
     cached = make_batch(rollouts, [1.0, -1.0, 0.5, 2.0], **kw, trunk=split)
     assert whole.actor_lower is None and cached.actor_lower is not None
+    assert (cached.critic_lower is cached.actor_lower) == share_critic
     assert (
         cached.critic_lower is not None and cached.critic_lower.shape[:2] == whole.input_ids.shape
     )
@@ -118,7 +136,7 @@ def test_ppo_update_on_a_cached_trunk_equals_the_frozen_model(
 ) -> None:
     """Two PPO epochs over the cached trunk move the weights exactly as two epochs that run
     the frozen trunk again every pass; the trunk itself does not move."""
-    actor, ref, critic, split = frozen_models(tiny_sft)
+    actor, ref, critic, split = frozen_models(tiny_sft, share_critic=True)
     rollouts = fixed_rollouts(tiny_tokenizer, data_dir)
     cfg = small_cfg(ppo_epochs=2, minibatch_size=2)
     kw: dict[str, Any] = dict(
