@@ -225,6 +225,10 @@ class PPOConfig(StageConfig):
     """ptx sequences per gradient step (paper: 8× as many pretraining examples as episodes)."""
     ptx_max_length: int = 256
     """Tokens per ptx sequence."""
+    ptx_trunk_cache_mib: int = 1024
+    """With trainable_layers: memory (MiB) for keeping the frozen trunk's output on ptx
+    sequences, so a sequence drawn again skips the trunk (the corpus is fixed). 0 = recompute
+    every time. A 576-wide model needs about 2.3 KiB per token."""
     gamma: float = 1.0
     """GAE discount (paper: 1)."""
     lam: float = 0.95

@@ -65,7 +65,7 @@ from training.losses import (
     value_loss,
 )
 from training.reward_model import backbone_and_head, token_scores
-from training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
+from training.trunk import freeze_lower, lower_hidden, pad_hidden, same_trunk, upper_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -308,7 +308,7 @@ def ppo_update(
     batch: RolloutBatch,
     cfg: PPOConfig,
     *,
-    ptx_batches: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ptx_batches: Iterator[PtxBatch] | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | None = None,
 ) -> dict[str, float]:
@@ -353,10 +353,10 @@ def ppo_update(
             ptx_value = 0.0
             if ok and cfg.gamma_ptx > 0 and ptx_batches is not None:
                 # Eq. 2's second term, as its own backward pass into the same .grad buffers.
-                ids, attn = next(ptx_batches)
+                ptx_b = next(ptx_batches)
                 with autocast(dev, cfg.mixed_precision):
-                    logits = actor(input_ids=ids, attention_mask=attn).logits
-                lp = ptx_loss(logits, ids, attn)
+                    logits = ptx_logits(actor, ptx_b)
+                lp = ptx_loss(logits, ptx_b.input_ids, ptx_b.attention_mask)
                 ok = bool(torch.isfinite(lp))
                 if ok:
                     (cfg.gamma_ptx * lp).backward()
@@ -495,32 +495,92 @@ def load_prompts(path: str, tokenizer: Any, max_prompt_length: int) -> list[tupl
     return out
 
 
-def ptx_stream(
-    path: str, tokenizer: Any, max_length: int, batch_size: int, seed: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless shuffled batches of the ptx corpus ({"text"} rows), with its own RNG so that plain
-    PPO (γ_ptx = 0, never drawn from) runs exactly as without a corpus. The file is read and
-    checked here, before any batch is asked for."""
+@dataclass(frozen=True)
+class PtxBatch:
+    """Pretraining sequences for the ptx term, right-padded; `lower`: the actor's frozen trunk
+    output for them `[B, T, H]` when the trunk is cached (trainable_layers), else None."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lower: torch.Tensor | None = None
+    n_frozen: int = 0
+
+
+def ptx_logits(actor: Any, b: PtxBatch) -> torch.Tensor:
+    """The actor's logits over a ptx batch (from the cached trunk when there is one)."""
+    if b.lower is None:
+        return actor(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+    body, head = causal_lm_parts(actor)
+    return head(upper_hidden(body, b.lower, b.attention_mask, b.n_frozen))
+
+
+def load_ptx(path: str, tokenizer: Any, max_length: int) -> list[list[int]]:
+    """The ptx corpus ({"text"} rows) as token ids, each cut to max_length; DataError when no
+    text has 2 tokens or more (the loss needs a next token)."""
     texts = [r["text"] for r in read_jsonl(path, required=("text",)) if str(r["text"]).strip()]
     seqs = [tokenizer(t)["input_ids"][:max_length] for t in texts]
     seqs = [s for s in seqs if len(s) >= 2]
     if not seqs:
         raise DataError(f"{path}: no text of at least 2 tokens")
-    pad = tokenizer.pad_token_id
+    return seqs
+
+
+TrunkFn = Callable[["torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+"""(ids, attention mask) -> the frozen trunk's output `[B, T, H]`."""
+
+
+def ptx_batches(
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    *,
+    trunk: TrunkFn | None = None,
+    n_frozen: int = 0,
+    cache_bytes: int = 0,
+) -> Iterator[PtxBatch]:
+    """Endless shuffled batches of the ptx corpus, with their own RNG so that plain PPO
+    (γ_ptx = 0, never drawn from) runs exactly as without a corpus. With `trunk`, each batch
+    carries the frozen trunk's output, computed the first time a sequence is drawn and kept
+    (up to `cache_bytes`) for its later draws: the corpus is fixed and the trunk never trains."""
     rng = random.Random(seed)
+    cache: dict[int, torch.Tensor] = {}
+    cached_bytes = 0
+    order: list[int] = []
+    while True:
+        chunk = []
+        for _ in range(batch_size):
+            if not order:  # a fresh shuffled pass over the corpus
+                order = list(range(len(seqs)))
+                rng.shuffle(order)
+            chunk.append(order.pop())
+        ids, attn = pad_batch([seqs[i] for i in chunk], pad_id, device)
+        if trunk is None:
+            yield PtxBatch(ids, attn)
+            continue
+        missing = [j for j, i in enumerate(chunk) if i not in cache]
+        fresh: dict[int, torch.Tensor] = {}
+        if missing:
+            new = trunk(ids[missing], attn[missing])
+            for row, j in enumerate(missing):
+                i = chunk[j]
+                fresh[i] = new[row, : len(seqs[i])]
+                size = fresh[i].numel() * fresh[i].element_size()
+                if i not in cache and cached_bytes + size <= cache_bytes:
+                    cache[i] = fresh[i].clone()
+                    cached_bytes += size
+        rows = [cache.get(i, fresh.get(i)) for i in chunk]
+        yield PtxBatch(ids, attn, pad_hidden(rows), n_frozen)  # type: ignore[arg-type]
 
-    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order: list[int] = []
-        while True:
-            chunk = []
-            for _ in range(batch_size):
-                if not order:  # a fresh shuffled pass over the corpus
-                    order = list(range(len(seqs)))
-                    rng.shuffle(order)
-                chunk.append(seqs[order.pop()])
-            yield pad_batch(chunk, pad, device)
 
-    return batches()
+def ptx_stream(
+    path: str, tokenizer: Any, max_length: int, batch_size: int, seed: int, device: torch.device
+) -> Iterator[PtxBatch]:
+    """`load_ptx` then `ptx_batches` without a trunk: the file is read and checked here, before
+    any batch is asked for."""
+    seqs = load_ptx(path, tokenizer, max_length)
+    return ptx_batches(seqs, tokenizer.pad_token_id, batch_size, seed, device)
 
 
 def resolve_reward_fn(spec: str) -> RewardFn:
@@ -683,13 +743,25 @@ def run_ppo(
     # Data first: a bad file fails before any model is loaded.
     tok = load_tokenizer(resolve_model_path(cfg.policy_path))
     prompts = load_prompts(cfg.prompts_path, tok, cfg.max_prompt_length)
-    ptx = None
+    ptx_seqs = None
     if cfg.gamma_ptx > 0:
         assert cfg.ptx_path is not None  # validate() checked
-        ptx = ptx_stream(
-            cfg.ptx_path, tok, cfg.ptx_max_length, cfg.ptx_batch_size, cfg.seed + 1, device
-        )
+        ptx_seqs = load_ptx(cfg.ptx_path, tok, cfg.ptx_max_length)
     actor, reference, critic, scorer, policy_path, split = load_models(cfg, device)
+    ptx = None
+    if ptx_seqs is not None:
+        trunk_fn = None
+        if split.actor:
+            actor_body = causal_lm_parts(actor)[0]
+
+            def trunk_fn(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+                with autocast(device, cfg.mixed_precision):
+                    return lower_hidden(actor_body, ids, attn, split.actor)
+
+        ptx = ptx_batches(
+            ptx_seqs, tok.pad_token_id, cfg.ptx_batch_size, cfg.seed + 1, device,
+            trunk=trunk_fn, n_frozen=split.actor, cache_bytes=cfg.ptx_trunk_cache_mib << 20,
+        )  # fmt: skip
     if scorer is not None and scorer.tokenizer.get_vocab() != tok.get_vocab():
         raise ConfigError("the reward model's tokenizer differs from the policy's")
     trainable = [p for p in actor.parameters() if p.requires_grad]
@@ -903,13 +975,17 @@ def _reward_source(cfg: PPOConfig) -> dict[str, Any]:
 
 
 __all__ = [
+    "PtxBatch",
     "RewardFn",
     "RolloutBatch",
     "RunningStd",
     "load_prompts",
+    "load_ptx",
     "make_batch",
     "policy_state_dict",
     "ppo_update",
+    "ptx_batches",
+    "ptx_logits",
     "reward_model_inputs",
     "run_ppo",
     "shape_scores",

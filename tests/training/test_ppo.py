@@ -242,7 +242,9 @@ def test_ptx_gradient_is_accumulated_into_the_ppo_gradient(
         actor, critic, batch, cfg1, ptx_stream(ptx_path, tiny_tokenizer, 64, 2, 0, cpu), sgd=True
     )
     # ∇L_ptx on the same pretraining batch, computed on its own.
-    ids, attn = next(ptx_stream(ptx_path, tiny_tokenizer, 64, 2, 0, cpu))
+    first = next(ptx_stream(ptx_path, tiny_tokenizer, 64, 2, 0, cpu))
+    ids, attn = first.input_ids, first.attention_mask
+    assert first.lower is None
     probe = copy.deepcopy(actor)
     ptx_loss(probe(input_ids=ids, attention_mask=attn).logits, ids, attn).backward()
     g_ptx = torch.cat(

@@ -23,7 +23,15 @@ from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, vllm_gree
 
 from training.common import pad_batch
 from training.config import ConfigError, PPOConfig, RewardModelConfig, validate
-from training.ppo import TrunkSplit, causal_lm_parts, make_batch, ppo_update, run_ppo
+from training.ppo import (
+    TrunkSplit,
+    causal_lm_parts,
+    load_ptx,
+    make_batch,
+    ppo_update,
+    ptx_batches,
+    run_ppo,
+)
 from training.reward_model import backbone_and_head, run_reward_model
 from training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
 
@@ -134,27 +142,44 @@ def test_make_batch_on_a_cached_trunk_equals_the_whole_forward(
 def test_ppo_update_on_a_cached_trunk_equals_the_frozen_model(
     tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path
 ) -> None:
-    """Two PPO epochs over the cached trunk move the weights exactly as two epochs that run
-    the frozen trunk again every pass; the trunk itself does not move."""
+    """Two PPO-ptx epochs over the cached trunks (rollouts and ptx corpus) move the weights
+    exactly as two epochs that run the frozen trunk again every pass; the trunk itself does not
+    move."""
     actor, ref, critic, split = frozen_models(tiny_sft, share_critic=True)
     rollouts = fixed_rollouts(tiny_tokenizer, data_dir)
-    cfg = small_cfg(ppo_epochs=2, minibatch_size=2)
+    cfg = small_cfg(ppo_epochs=2, minibatch_size=2, gamma_ptx=0.5, ptx_path="unused")
     kw: dict[str, Any] = dict(
         actor=actor, reference=ref, critic=critic, cfg=cfg,
         pad_id=tiny_tokenizer.pad_token_id, device=CPU,
     )  # fmt: skip
     scores = [1.0, -1.0, 0.5, 2.0]
-    results = []
-    for batch in (
-        make_batch(rollouts, scores, **kw),
-        make_batch(rollouts, scores, **kw, trunk=split),
-    ):
+    seqs = load_ptx(str(data_dir / "ptx.jsonl"), tiny_tokenizer, 64)
+    body = causal_lm_parts(actor)[0]
+    calls: list[int] = []
+
+    def trunk(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        calls.append(ids.shape[0])
+        return lower_hidden(body, ids, attn, 1)
+
+    runs = {
+        "whole": (make_batch(rollouts, scores, **kw), ptx_batches(seqs, 0, 3, 0, CPU)),
+        "cached": (
+            make_batch(rollouts, scores, **kw, trunk=split),
+            ptx_batches(seqs, 0, 3, 0, CPU, trunk=trunk, n_frozen=1, cache_bytes=1 << 30),
+        ),
+    }
+    results = {}
+    for name, (batch, ptx) in runs.items():
         a, c = copy.deepcopy(actor), copy.deepcopy(critic)
         params = [p for p in [*a.parameters(), *c.parameters()] if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-2)
-        ppo_update(a, c, opt, batch, cfg, generator=torch.Generator().manual_seed(0))
-        results.append((a, c))
-    (a_whole, c_whole), (a_cached, c_cached) = results
+        m = ppo_update(
+            a, c, opt, batch, cfg, ptx_batches=ptx, generator=torch.Generator().manual_seed(0)
+        )
+        assert m["ptx_loss"] > 0
+        results[name] = (a, c)
+    (a_whole, c_whole), (a_cached, c_cached) = results["whole"], results["cached"]
+    assert sum(calls) == 4 * 3  # 4 minibatches x 3 ptx sequences, none drawn twice yet
     torch.testing.assert_close(flat(a_cached), flat(a_whole), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(flat(c_cached), flat(c_whole), atol=1e-5, rtol=1e-4)
     assert not torch.equal(flat(a_cached), flat(actor))  # the top layer trained
@@ -163,6 +188,35 @@ def test_ppo_update_on_a_cached_trunk_equals_the_frozen_model(
         for name, t in moved.items():
             if "embed_tokens" in name or ".layers.0." in name:
                 assert torch.equal(t, base[name]), name
+
+
+def test_ptx_trunk_is_computed_once_per_sequence_within_the_cache_budget(
+    tiny_sft: Any, tiny_tokenizer: Any, data_dir: Path
+) -> None:
+    actor, _, _ = load_policy_models(tiny_sft.path)
+    body = causal_lm_parts(actor)[0]
+    freeze_lower(body, 1)
+    seqs = load_ptx(str(data_dir / "ptx.jsonl"), tiny_tokenizer, 64)
+    n = len(seqs)
+    drawn: list[int] = []
+
+    def trunk(ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        drawn.append(ids.shape[0])
+        return lower_hidden(body, ids, attn, 1)
+
+    for budget, want in ((1 << 30, n), (0, 3 * n)):
+        drawn.clear()
+        it = ptx_batches(seqs, 0, 4, 0, CPU, trunk=trunk, n_frozen=1, cache_bytes=budget)
+        plain = ptx_batches(seqs, 0, 4, 0, CPU)
+        for _ in range(3 * n // 4):  # three passes over the corpus
+            b, p = next(it), next(plain)
+            assert torch.equal(b.input_ids, p.input_ids)  # same draws as without a trunk
+            assert b.lower is not None
+            with torch.no_grad():
+                whole = lower_hidden(body, b.input_ids, b.attention_mask, 1)
+            real = b.attention_mask.bool()
+            torch.testing.assert_close(b.lower[real], whole[real], atol=1e-6, rtol=1e-6)
+        assert sum(drawn) == want, budget
 
 
 def test_reward_model_trains_only_the_top_layers(
