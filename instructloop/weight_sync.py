@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 import struct
 import tempfile
@@ -518,7 +519,10 @@ def load_state_dict_sync(
     staging = cfg.staging_dir
     if staging is None and Path("/dev/shm").is_dir():
         staging = Path("/dev/shm")
-    tmp = Path(tempfile.mkdtemp(prefix="instructloop-weights-", dir=staging))
+    staging = Path(staging) if staging is not None else Path(tempfile.gettempdir())
+    _remove_orphaned_staging(staging)
+    # The pid in the name lets a later call tell a killed process's leftovers from live staging.
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=staging))
     try:
         cpu = {n: t.detach().to("cpu").contiguous() for n, t in tensors.items()}
         save_file(cpu, str(tmp / "model.safetensors"))
@@ -528,6 +532,29 @@ def load_state_dict_sync(
         shutil.rmtree(tmp, ignore_errors=True)
     _served[llm] = None  # the staged files are gone: nothing to roll back to
     return times
+
+
+_STAGING_PREFIX = "instructloop-weights-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def _remove_orphaned_staging(staging: Path) -> None:
+    """Delete staging left by processes that died mid-load (SIGKILL skips `finally`): in
+    RAM-backed /dev/shm each would hold a whole model's weights until reboot."""
+    for d in staging.glob(f"{_STAGING_PREFIX}*"):
+        pid = d.name[len(_STAGING_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            log.info("removing staging %s left by dead process %s", d, pid)
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def _load_sync(
