@@ -281,7 +281,8 @@ class PPOConfig(StageConfig):
 
     # -- rollout engine
     vllm_dtype: str = "auto"
-    """dtype of the rollout engine ("auto": the checkpoint's)."""
+    """dtype of the rollout engine ("auto": the checkpoint's; float32 on a CPU without native bf16,
+    see training.common.engine_dtype)."""
     vllm_kv_cache_gib: float = 1.0
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB)."""
     vllm_gpu_memory_utilization: float = 0.3

@@ -53,11 +53,9 @@ class RolloutEngine:
         from instructloop.weight_sync import engine_kwargs
 
         self.model_dir = str(model_dir)
-        if dtype == "auto":
-            # vLLM's own "auto" turns a float32 checkpoint into 16-bit; keep what it declares.
-            from training.common import model_dtype_name
+        from training.common import engine_dtype
 
-            dtype = model_dtype_name(self.model_dir)
+        dtype = engine_dtype(self.model_dir, dtype)
         self.llm: Any = LLM(
             model=self.model_dir,
             dtype=dtype,  # type: ignore[arg-type]

@@ -135,6 +135,34 @@ def test_offline_engine_env_fills_defaults_and_keeps_callers(
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "8"
 
 
+def test_engine_dtype_float32_on_a_cpu_without_bf16(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A bf16 checkpoint samples in float32 on a CPU that only emulates bf16 (4.7x faster on an
+    AVX2 EPYC), in bf16 where the CPU has it; float32 checkpoints and explicit dtypes stand."""
+    import platform
+
+    import torch
+
+    from training import common
+
+    if platform.machine() == "x86_64":  # the real flags are read
+        assert "sse2" in common.cpu_flags()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    bf16, fp32 = tmp_path / "bf16", tmp_path / "fp32"
+    for d, name in ((bf16, "bfloat16"), (fp32, "float32")):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"dtype": name}))
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert common.engine_dtype(bf16) == "float32"
+    assert common.engine_dtype(bf16, "bfloat16") == "bfloat16"
+    assert common.engine_dtype(fp32) == "float32"
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"avx2", "avx512_bf16"}))
+    assert common.engine_dtype(bf16) == "bfloat16"
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"amx_bf16"}))
+    assert common.engine_dtype(bf16) == "bfloat16"
+
+
 def test_attention_kernels_eager_on_cpu_and_same_outputs(tiny_model_dir: Path) -> None:
     """ "auto" picks eager on the CPU (faster backward there) and sdpa elsewhere; an explicit
     choice stands; and the choice changes kernels, not results."""

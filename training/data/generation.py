@@ -21,7 +21,7 @@ Messages = list[dict[str, str]]
 class SamplerConfig:
     """vLLM engine settings for offline sampling on this project's machines."""
 
-    dtype: str = "auto"  # the checkpoint's own dtype
+    dtype: str = "auto"  # training.common.engine_dtype (float32 on a CPU without native bf16)
     # Context length; None = the model's own (max_position_embeddings), at most 2048.
     max_model_len: int | None = None
     # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
@@ -67,12 +67,9 @@ class Sampler:
         from vllm import LLM
 
         self.model_dir = str(model_dir)
-        dtype = self.cfg.dtype
-        if dtype == "auto":
-            # vLLM's "auto" runs a float32 checkpoint in 16 bits; sample what the checkpoint holds.
-            from training.common import model_dtype_name
+        from training.common import engine_dtype
 
-            dtype = model_dtype_name(self.model_dir)
+        dtype = engine_dtype(self.model_dir, self.cfg.dtype)
         self.llm: Any = LLM(
             model=self.model_dir,
             dtype=dtype,
