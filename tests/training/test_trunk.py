@@ -180,8 +180,11 @@ def test_ppo_update_on_a_cached_trunk_equals_the_frozen_model(
         results[name] = (a, c)
     (a_whole, c_whole), (a_cached, c_cached) = results["whole"], results["cached"]
     assert sum(calls) == 4 * 3  # 4 minibatches x 3 ptx sequences, none drawn twice yet
-    torch.testing.assert_close(flat(a_cached), flat(a_whole), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(flat(c_cached), flat(c_whole), atol=1e-5, rtol=1e-4)
+    # Float sums in another order differ in the last bits, and Adam's step (lr 1e-2 here) can
+    # grow such a difference on a near-zero gradient to ~1e-5 (an AVX2 CPU, 2026-12-03); a
+    # wrong trunk would differ by the order of the step itself.
+    torch.testing.assert_close(flat(a_cached), flat(a_whole), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flat(c_cached), flat(c_whole), atol=1e-4, rtol=1e-4)
     assert not torch.equal(flat(a_cached), flat(actor))  # the top layer trained
     for model, start in ((a_cached, actor), (c_cached, critic)):
         moved, base = model.state_dict(), start.state_dict()
@@ -252,11 +255,15 @@ def test_ppo_with_a_frozen_trunk_syncs_the_engine_and_keeps_the_trunk(
     actor (the partly trained policy reached the engine)."""
     from transformers import AutoModelForCausalLM
 
-    cfg = run_cfg(tmp_path, tiny_sft, data_dir, total_episodes=16 * 8, trainable_layers=1)
+    # One trainable layer of two learns more slowly than the whole model: a higher lr and
+    # more steps than test_ppo's reward test.
+    cfg = run_cfg(tmp_path, tiny_sft, data_dir, total_episodes=16 * 12, trainable_layers=1, lr=2e-2)
     info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
     rows = log_rows(info)
-    assert len(rows) == 8
-    assert sum(r["reward"] for r in rows[-3:]) / 3 > sum(r["reward"] for r in rows[:2]) / 2
+    assert len(rows) == 12
+    first = sum(r["reward"] for r in rows[:2]) / 2
+    last = sum(r["reward"] for r in rows[-4:]) / 4
+    assert last > first + 0.1, [r["reward"] for r in rows]
     actor = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
     sft = AutoModelForCausalLM.from_pretrained(tiny_sft.path, dtype=torch.float32)
     base = sft.state_dict()
