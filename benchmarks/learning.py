@@ -90,7 +90,7 @@ class LearningConfig:
     """RewardModelConfig overrides (paper: 1 epoch, lr 9e-6, batch 64 on a 6B model)."""
     ppo: dict[str, Any] = field(
         default_factory=lambda: {
-            "total_episodes": 960,  # 60 steps of 16
+            "total_episodes": 512,  # 32 steps of 16: +12 points on the EPYC, 2026-12-03
             "batch_size": 16,
             "minibatch_size": 8,
             "ppo_epochs": 2,
