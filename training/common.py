@@ -54,7 +54,9 @@ def read_jsonl(path: str | Path, *, required: Sequence[str] = ()) -> list[dict[s
     object, or lacks a `required` key, is an error naming the line."""
     p = Path(path)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
+        # "\n" only: str.splitlines() also breaks at U+2028, U+0085, \x1c..., which JSON keeps
+        # raw inside strings (a sampled answer held a U+2028 and cut its row in two).
+        lines = p.read_text(encoding="utf-8").split("\n")
     except OSError as e:
         raise DataError(f"cannot read {p}: {e}") from e
     rows = []

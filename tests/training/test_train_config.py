@@ -209,3 +209,18 @@ def test_cpu_allocator_tuning_once_and_harmless() -> None:
     x = torch.ones(64, 1 << 20)
     assert float(x.sum()) == 64 * (1 << 20)
     del x
+
+
+def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
+    from training.common import DataError, read_jsonl
+
+    texts = ["a\u2028b", "c\u2029d\x85e", "f\x1cg\x1d\x1eh\x0bi\x0cj", "k\r\nl"]
+    p = tmp_path / "rows.jsonl"
+    p.write_text(
+        "\n".join(json.dumps({"text": t}, ensure_ascii=False) for t in texts) + "\n\n",
+        encoding="utf-8",
+    )
+    assert [r["text"] for r in read_jsonl(p, required=("text",))] == texts
+    p.write_text('{"text": "ok"}\n{"text": "cut\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"rows.jsonl:2: not JSON"):
+        read_jsonl(p)
