@@ -110,26 +110,18 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict:
+    """One server (on `event_loop`) on a fresh Redis: make completions, then the load."""
     import redis as redis_lib
 
-    from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--completions", type=int, default=32)
-    ap.add_argument("--users", type=int, default=10_000)
-    args = ap.parse_args()
-    model_dir = args.model or default_model_dir()
 
     redis = fresh_redis("feedback-redis")
     port = free_port()
     proc = start_instructloop(
-        model_dir, port, free_port(), redis.url, RESULTS_DIR / "logs" / "feedback-server.log"
-    )
+        model_dir, port, free_port(), redis.url,
+        RESULTS_DIR / "logs" / f"feedback-server-{event_loop}.log", "--event-loop", event_loop,
+    )  # fmt: skip
     try:
         wait_grpc(port, proc)
         completions = asyncio.run(make_completions(port, args.completions))
@@ -147,14 +139,12 @@ def main() -> None:
     finally:
         proc.stop()
         redis.stop()
-
     ok = len(lat)
     rps = ok / wall
     p50, p99 = percentile(lat, 50), percentile(lat, 99)
-    meta = {**machine(), "model": model_dir.name, "appendfsync": fsync}
-    payload = {
-        "meta": meta,
-        "concurrency": args.concurrency,
+    return {
+        "server_event_loop": event_loop,
+        "appendfsync": fsync,
         "seconds": round(wall, 2),
         "acknowledged": ok,
         "errors": errors,
@@ -164,22 +154,57 @@ def main() -> None:
         "redis_keys_added": keys_after - keys_before,
         # Share of one core each used during the load (2 cores = 2.0 in all).
         "cpu_cores_used": {k: round((cpu1[k] - cpu0[k]) / wall, 2) for k in pids},
-        "target": {"rps": TARGET_RPS, "p99_s": TARGET_P99_S},
         "met": rps >= TARGET_RPS and p99 < TARGET_P99_S,
+    }
+
+
+def main() -> None:
+    from instructloop.paths import default_model_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--completions", type=int, default=32)
+    ap.add_argument("--users", type=int, default=10_000)
+    ap.add_argument(
+        "--event-loops",
+        default="asyncio,uvloop",
+        help="server event loops to run, one after the other; the first is the result "
+        "(asyncio: the server's default; uvloop: its option, for comparison)",
+    )
+    args = ap.parse_args()
+    model_dir = args.model or default_model_dir()
+
+    runs = [run_once(args, model_dir, loop) for loop in args.event_loops.split(",")]
+    first = runs[0]
+    meta = {**machine(), "model": model_dir.name, "appendfsync": first["appendfsync"]}
+    payload = {
+        "meta": meta,
+        "concurrency": args.concurrency,
+        **{k: v for k, v in first.items() if k != "appendfsync"},
+        "target": {"rps": TARGET_RPS, "p99_s": TARGET_P99_S},
+        "runs": runs,
     }
     md = (
         f"Feedback benchmark, {meta['date']}, {meta['cpu']} ({meta['cores']} cores): "
         f"SubmitRanking (K=4) over gRPC at concurrency {args.concurrency}, Redis "
-        f"appendfsync={fsync}, server and load generator on the same machine.\n\n"
-        "| acknowledged | errors | RPC/s | p50 (ms) | p99 (ms) | target |\n"
-        "|---:|---|---:|---:|---:|---|\n"
-        f"| {ok} | {errors or 'none'} | {rps:.0f} | {p50 * 1e3:.1f} | {p99 * 1e3:.1f} | "
-        f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "
-        f"{'met' if payload['met'] else 'missed'} |\n\n"
-        "CPU during the load, in cores: "
-        + ", ".join(f"{k} {v:.2f}" for k, v in payload["cpu_cores_used"].items())
-        + f" (of {meta['cores']}).\n"
+        f"appendfsync={first['appendfsync']}, server and load generator on the same machine. "
+        "The first row is the result; the others are the same run with another server "
+        "event loop.\n\n"
+        "| server event loop | acknowledged | errors | RPC/s | p50 (ms) | p99 (ms) | "
+        "CPU cores: server / redis / load | target |\n"
+        "|---|---:|---|---:|---:|---:|---|---|\n"
     )
+    for r in runs:
+        cpu = r["cpu_cores_used"]
+        md += (
+            f"| {r['server_event_loop']} | {r['acknowledged']} | {r['errors'] or 'none'} | "
+            f"{r['rps']:.0f} | {r['p50_s'] * 1e3:.1f} | {r['p99_s'] * 1e3:.1f} | "
+            f"{cpu['server']:.2f} / {cpu['redis']:.2f} / {cpu['load_generator']:.2f} | "
+            f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "
+            f"{'met' if r['met'] else 'missed'} |\n"
+        )
     out = write_results("feedback", payload, md)
     print(md)
     print(f"written: {out}")

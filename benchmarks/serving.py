@@ -208,11 +208,14 @@ def vllm_client(port: int):
 # --- instructloop's gRPC server ------------------------------------------------------------
 
 
-def start_instructloop(model_dir: Path, port: int, metrics_port: int, redis_url: str, log: Path):
+def start_instructloop(
+    model_dir: Path, port: int, metrics_port: int, redis_url: str, log: Path, *extra: str
+):
     cmd = [
         python(), "-m", "instructloop", "serve",
         "--model", str(model_dir), "--grpc-port", str(port), "--metrics-port", str(metrics_port),
         "--redis-url", redis_url, "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16",
+        *extra,
     ]  # fmt: skip
     env = {**ENGINE_ENV, "INSTRUCTLOOP_API_KEYS": API_KEY, "INSTRUCTLOOP_ADMIN_KEYS": ""}
     return Proc(cmd, env=env, log=log)

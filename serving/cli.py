@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "default model built by `instructloop model init`)",
     )
     g.add_argument("--max-model-len", type=int, default=None, help="context length (2048)")
-    g.add_argument("--dtype", default=None, help="weights and activations dtype (bfloat16)")
+    g.add_argument(
+        "--dtype",
+        default=None,
+        help="weights and activations dtype (auto: the checkpoint's; float32 on a CPU without "
+        "native bf16)",
+    )
     g.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs per engine (1)")
     g.add_argument(
         "--gpu-memory-utilization", type=float, default=None, help="GPU memory share (0.9)"
@@ -88,6 +94,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="feedback records per user per minute (600; 0: no limit)",
     )
     g.add_argument("--replica-id", default=None, help="name of this replica (host-pid)")
+    g.add_argument(
+        "--event-loop",
+        choices=("asyncio", "uvloop"),
+        default=None,
+        help="event loop (asyncio)",
+    )
 
     g = p.add_argument_group("hot swap")
     g.add_argument(
@@ -141,6 +153,7 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "follow_live": args.follow_live,
         "swap_drain_timeout_s": args.swap_drain_timeout,
         "swap_poll_s": args.swap_poll,
+        "event_loop": args.event_loop,
     }
     overrides.update(extra)
     cfg = ServerConfig.from_env(**overrides)
@@ -160,6 +173,7 @@ async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -
     server = InstructloopServer(cfg, progress=_say)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    _say(f"event loop: {type(loop).__module__.split('.')[0]}")
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
 
@@ -188,6 +202,11 @@ async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -
     except Exception as e:
         await server.stop(grace=0)
         raise SystemExit(f"error: {e}") from e
+    # Everything alive now (vLLM, torch, the model config) lives as long as the process: keep it
+    # out of the collector's scans, so a full collection does not pause every RPC (vLLM's API
+    # server does the same after start-up).
+    gc.collect()
+    gc.freeze()
     if on_ready is not None:
         on_ready(server)
     _say("ready; Ctrl-C stops")
@@ -199,6 +218,18 @@ async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -
     serve.cancel()
     stopper.cancel()
     return 0
+
+
+def run_event_loop(main: Coroutine[Any, Any, int], event_loop: str = "asyncio") -> int:
+    """Run the server's coroutine on the configured loop (ServerConfig.event_loop)."""
+    if event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            main.close()
+            raise SystemExit("error: --event-loop uvloop, but uvloop is not installed") from None
+        return uvloop.run(main)
+    return asyncio.run(main)
 
 
 def _logging() -> None:
@@ -216,7 +247,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config_from_args(args)
         cfg.validate()
-        return asyncio.run(_run_server(cfg))
+        return run_event_loop(_run_server(cfg), cfg.event_loop)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -293,7 +324,7 @@ def _up(args: argparse.Namespace) -> int:
                 _say(f"metrics: http://{cfg.metrics_host}:{server.metrics.port}/metrics")
             _say(f"model: {server.model.version} {server.model.path}")
 
-        return asyncio.run(_run_server(cfg, on_ready=ready))
+        return run_event_loop(_run_server(cfg, on_ready=ready), cfg.event_loop)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -67,7 +67,10 @@ class ServerConfig:
     """Fraction of GPU memory vLLM may take (ignored on the CPU backend)."""
     max_model_len: int = 2048
     """Context length (prompt + generated tokens) the engine accepts."""
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
+    """Weights and activations. "auto": the checkpoint's own dtype (bf16 for the default model),
+    except float32 on a CPU without native bf16 (AVX2-only: 4.7x faster there); see
+    instructloop/hardware.py. A swapped-in checkpoint is loaded into the running dtype."""
     cpu_kvcache_space_gib: float | None = None
     """KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE); None: vLLM's default."""
     cpu_omp_threads_bind: str | None = None
@@ -134,6 +137,11 @@ class ServerConfig:
     replica_id: str = field(default_factory=_default_replica_id)
     shutdown_grace_s: float = 10.0
     """On stop, in-flight RPCs get this long to finish before they are cancelled."""
+    event_loop: str = "asyncio"
+    """Event loop of `instructloop serve`: "asyncio" (the standard loop) or "uvloop" (needs the
+    uvloop package; vLLM installs it). grpc.aio runs on both; in the feedback benchmark (2-core
+    Xeon, 2026-12-03) neither was consistently faster: 2,567, 2,266 and 1,995 SubmitRanking
+    RPC/s on asyncio against 2,220, 2,117 and 2,100 on uvloop, alternating which ran first."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerConfig:
@@ -191,6 +199,8 @@ class ServerConfig:
             raise ConfigError("default_max_tokens must be at least 1")
         if self.max_n < 1:
             raise ConfigError("max_n must be at least 1")
+        if self.event_loop not in ("asyncio", "uvloop"):
+            raise ConfigError(f"event_loop must be asyncio or uvloop, got {self.event_loop!r}")
         if self.tensor_parallel_size < 1:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

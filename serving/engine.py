@@ -237,6 +237,7 @@ class Engine:
     def engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
+        from instructloop.hardware import engine_dtype
         from instructloop.weight_sync import engine_kwargs as weight_sync_engine_kwargs
 
         cfg = self.config
@@ -247,7 +248,7 @@ class Engine:
             chunked = False  # the seed trap, see module docstring
         kwargs: dict[str, Any] = {
             "model": self.model,
-            "dtype": cfg.dtype,
+            "dtype": engine_dtype(self.model, cfg.dtype),
             "max_model_len": cfg.max_model_len,
             "tensor_parallel_size": cfg.tensor_parallel_size,
             "gpu_memory_utilization": cfg.gpu_memory_utilization,

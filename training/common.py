@@ -18,6 +18,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+# The machine's dtype choices live with the server's (one rule for every vLLM engine).
+from instructloop.hardware import (  # noqa: F401  (re-exported for the stages)
+    cpu_flags,
+    cpu_native_bf16,
+    engine_dtype,
+    model_dtype_name,
+)
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
@@ -265,50 +273,6 @@ def adamw(params: Any, *, lr: float = 1e-3, betas: tuple[float, float], weight_d
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-
-
-def model_dtype_name(model_path: str | Path) -> str:
-    """The dtype a HF directory's config declares ("bfloat16" when it says nothing)."""
-    try:
-        cfg = json.loads((Path(model_path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return "bfloat16"
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
-    return str(name)
-
-
-def cpu_flags() -> frozenset[str]:
-    """The x86 feature flags of this machine's CPU (empty where /proc/cpuinfo has none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.partition(":")[2].split())
-    return frozenset()
-
-
-def cpu_native_bf16() -> bool:
-    """Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def engine_dtype(model_path: str | Path, dtype: str = "auto") -> str:
-    """dtype for an offline vLLM engine over `model_path`. "auto": the dtype the checkpoint
-    declares (vLLM's own "auto" would run a float32 checkpoint in 16 bits), except a 16-bit
-    checkpoint on a CPU without native bf16, which runs in float32: on a 2-core AVX2-only EPYC
-    vLLM's bf16 path generated 54 tok/s against 255 in float32 (SmolLM2-135M, 32 x 64 greedy
-    tokens, 2026-12-03)."""
-    if dtype != "auto":
-        return dtype
-    name = model_dtype_name(model_path)
-    if name in ("bfloat16", "float16") and not cpu_native_bf16():
-        import torch
-
-        if not torch.cuda.is_available():
-            return "float32"
-    return name
 
 
 def resolve_model_path(path: str) -> str:

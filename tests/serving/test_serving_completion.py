@@ -13,6 +13,7 @@ import pytest
 import redis
 from serving_helpers import chat, redis_state, stored_completion, stubs
 
+from instructloop.hardware import engine_dtype
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2
 from serving.testing import Served
@@ -67,7 +68,8 @@ async def test_greedy_tokens_match_transformers(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis, model_dir: Path
 ) -> None:
     """The engine's greedy tokens for a chat prompt, token for token against transformers on
-    the same checkpoint (an independent implementation), in the serving dtype, bf16.
+    the same checkpoint (an independent implementation), in the serving dtype (bf16 where the
+    CPU has it, float32 on an AVX2-only CPU: ServerConfig.dtype "auto").
 
     In bf16 two correct implementations may break a near-tie differently, after which
     free-running outputs part for good (seen here: transformers' own cached generate() parts
@@ -96,7 +98,9 @@ async def test_greedy_tokens_match_transformers(
     ref_ids = list(ref_prompt["input_ids"] if hasattr(ref_prompt, "keys") else ref_prompt)
     assert rec["prompt_token_ids"] == ref_ids, "the engine saw a different prompt"
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    served_dtype = served.engine.llm.model_config.dtype
+    assert served_dtype == getattr(torch, engine_dtype(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=served_dtype)
     model.eval()
     with torch.no_grad():
         logits = model(torch.tensor([ref_ids + got])).logits[0, len(ref_ids) - 1 : -1].float()

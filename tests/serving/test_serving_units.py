@@ -45,11 +45,28 @@ def test_keys_file(tmp_path: Path) -> None:
         ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),
         ({"cpu_kvcache_space_gib": -1.0}, "cpu_kvcache_space_gib"),
         ({"max_n": 0}, "max_n"),
+        ({"event_loop": "trio"}, "event_loop must be asyncio or uvloop"),
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         ServerConfig().with_(**changes).validate()
+
+
+@pytest.mark.parametrize(("choice", "loop_module"), [("asyncio", "asyncio"), ("uvloop", "uvloop")])
+def test_server_runs_on_the_configured_event_loop(choice: str, loop_module: str) -> None:
+    import asyncio
+
+    from serving.cli import run_event_loop
+
+    seen: list[str] = []
+
+    async def main() -> int:
+        seen.append(type(asyncio.get_running_loop()).__module__)
+        return 7
+
+    assert run_event_loop(main(), choice) == 7
+    assert seen[0].split(".")[0] == loop_module
 
 
 def test_authenticator_roles() -> None:

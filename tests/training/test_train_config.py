@@ -144,7 +144,7 @@ def test_engine_dtype_float32_on_a_cpu_without_bf16(
 
     import torch
 
-    from training import common
+    from instructloop import hardware as common
 
     if platform.machine() == "x86_64":  # the real flags are read
         assert "sse2" in common.cpu_flags()
@@ -161,6 +161,13 @@ def test_engine_dtype_float32_on_a_cpu_without_bf16(
     assert common.engine_dtype(bf16) == "bfloat16"
     monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"amx_bf16"}))
     assert common.engine_dtype(bf16) == "bfloat16"
+    # A hub id: vLLM's own "auto" where bf16 is native, float32 where it is emulated.
+    assert common.engine_dtype("org/model") == "auto"
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert common.engine_dtype("org/model") == "float32"
+    from training import common as training_common
+
+    assert training_common.engine_dtype is common.engine_dtype  # one rule for every engine
 
 
 def test_attention_kernels_eager_on_cpu_and_same_outputs(tiny_model_dir: Path) -> None:
