@@ -43,8 +43,14 @@ def machine() -> dict[str, object]:
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
     except OSError:
         pass
+    from instructloop.hardware import cpu_flags
+
+    # "AMD EPYC" names CPUs from AVX2-only to AVX512-BF16 parts, which differ several-fold in
+    # bf16 work: record the units that decide it.
+    bf16_units = sorted({"avx512_bf16", "amx_bf16", "avx2"} & cpu_flags())
     return {
         "cpu": cpu,
+        "cpu_units": bf16_units,
         "cores": os.cpu_count(),
         "memory_gib": mem_gib,
         "python": platform.python_version(),

@@ -173,6 +173,11 @@ def main() -> None:
         help="server event loops to run, one after the other; the first is the result "
         "(asyncio: the server's default; uvloop: its option, for comparison)",
     )
+    ap.add_argument(
+        "--name",
+        default="feedback",
+        help="results file stem under benchmarks/results/ (to keep another machine's run)",
+    )
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
 
@@ -205,7 +210,7 @@ def main() -> None:
             f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "
             f"{'met' if r['met'] else 'missed'} |\n"
         )
-    out = write_results("feedback", payload, md)
+    out = write_results(args.name, payload, md)
     print(md)
     print(f"written: {out}")
 

@@ -39,19 +39,22 @@ PTX_HELDOUT = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_h
 
 
 def _train_precision() -> str:
-    """bf16 autocast where the CPU has AMX (PPO steps 1.5x faster on the Xeon, 2026-12-02) or on
-    CUDA; float32 elsewhere (emulated bf16 on an AVX2-only EPYC is several times slower)."""
-    from training.common import cpu_flags
+    """bf16 autocast where the CPU computes bf16 natively (AMX or AVX512-BF16) or on CUDA;
+    float32 elsewhere. PPO samples/s (benchmarks.ppo_speed, ours): 1.5x on the AMX Xeon
+    (2026-12-02), 0.602 vs 0.364 (1.65x) on an AVX512-BF16 EPYC (2026-12-04); emulated bf16
+    on an AVX2-only EPYC was several times slower than float32."""
+    from training.common import cpu_native_bf16
 
-    if "amx_bf16" in cpu_flags():
+    if cpu_native_bf16():
         return "bf16"
     return "auto"  # bf16 on CUDA, float32 on the CPU
 
 
 @dataclass
 class LearningConfig:
-    """Sizes and settings of one run. Defaults aim at the 60-minute budget on the 2-core Xeon with
-    AMX (bf16); an AVX2-only 2-core EPYC computes in float32 and takes about 3x as long."""
+    """Sizes and settings of one run. Defaults aim at the 60-minute budget on a 2-core CPU with
+    native bf16 (the AMX Xeon, the AVX512-BF16 EPYC); an AVX2-only 2-core EPYC computes in
+    float32 and takes about 3x as long."""
 
     model: str = ""
     """The SFT policy; "" = the default model (SmolLM2-135M-Instruct)."""

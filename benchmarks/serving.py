@@ -351,6 +351,11 @@ def main() -> None:
     ap.add_argument("--requests-per-level", type=int, nargs="+", default=[8, 32, 96])
     ap.add_argument("--servers", nargs="+", default=["vllm-openai", "instructloop"])
     ap.add_argument("--reps", type=int, default=2, help="runs per server and level, alternated")
+    ap.add_argument(
+        "--name",
+        default="serving",
+        help="results file stem under benchmarks/results/ (to keep another machine's run)",
+    )
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
     texts = prompts(model_dir, 64)
@@ -395,7 +400,7 @@ def main() -> None:
 
     meta = {**machine(), "model": model_dir.name, "max_tokens": MAX_TOKENS}
     md = markdown(results, meta)
-    out = write_results("serving", {"meta": meta, "results": [asdict(r) for r in results]}, md)
+    out = write_results(args.name, {"meta": meta, "results": [asdict(r) for r in results]}, md)
     print(md)
     print(f"written: {out}")
 
