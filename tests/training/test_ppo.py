@@ -349,7 +349,9 @@ def test_ppo_raises_the_reward_with_bounded_kl(
 ) -> None:
     """Programmatic reward (share of "apple" words): the SFT policy says "apple" about 1 time
     in 8; PPO on vLLM rollouts raises that while the KL to the SFT model stays bounded."""
-    cfg = run_cfg(tmp_path, tiny_sft, data_dir, total_episodes=16 * 12, kl_stop=20.0)
+    # lr 2e-3: at the default 3e-3 some seeds reach reward 1.0 and then collapse (seed 0 fell
+    # to 0.27 on step 10); 2e-3 rose by at least 0.6 on each of six seeds.
+    cfg = run_cfg(tmp_path, tiny_sft, data_dir, total_episodes=16 * 12, kl_stop=20.0, lr=2e-3)
     info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
     rows = log_rows(info)
     assert len(rows) == 12 and info.manifest["early_stop"] is None

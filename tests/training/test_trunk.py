@@ -255,15 +255,17 @@ def test_ppo_with_a_frozen_trunk_syncs_the_engine_and_keeps_the_trunk(
     actor (the partly trained policy reached the engine)."""
     from transformers import AutoModelForCausalLM
 
-    # One trainable layer of two learns more slowly than the whole model: a higher lr and
-    # more steps than test_ppo's reward test.
-    cfg = run_cfg(tmp_path, tiny_sft, data_dir, total_episodes=16 * 12, trainable_layers=1, lr=2e-2)
+    # One trainable layer of two learns more slowly than the whole model: more steps on larger
+    # batches. lr 2e-2 on 16-sample batches was noise-bound (a CI run rose only 0.06) and some
+    # seeds collapsed; at 32 samples and lr 1e-2 six seeds each rose by 0.30 or more.
+    cfg = run_cfg(tmp_path, tiny_sft, data_dir, batch_size=32, total_episodes=32 * 16,
+                  trainable_layers=1, lr=1e-2)  # fmt: skip
     info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
     rows = log_rows(info)
-    assert len(rows) == 12
-    first = sum(r["reward"] for r in rows[:2]) / 2
+    assert len(rows) == 16
+    first = sum(r["reward"] for r in rows[:4]) / 4
     last = sum(r["reward"] for r in rows[-4:]) / 4
-    assert last > first + 0.1, [r["reward"] for r in rows]
+    assert last > first + 0.15, [r["reward"] for r in rows]
     actor = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
     sft = AutoModelForCausalLM.from_pretrained(tiny_sft.path, dtype=torch.float32)
     base = sft.state_dict()
