@@ -21,6 +21,7 @@ from training.data.constraints import (
     generate_prompts,
     load_prompts,
     make_prompt,
+    paired_gain,
     save_prompts,
     score,
     split_of,
@@ -176,6 +177,23 @@ def test_accuracy_prompt_and_instruction_level_by_hand() -> None:
         "keywords:existence": 0.0,
         "punctuation:no_comma": 1.0,
     }
+    assert acc.per_prompt == (True, False)
+
+
+def test_paired_gain_by_hand() -> None:
+    p = make_prompt("Describe {s}.", "snow", ["punctuation:no_comma"], [{}])
+    ok, bad = "Snow is white.", "Snow is white, cold."
+    # Four prompts: before meets 1 and 2, after meets 2, 3 and 4 -> gained 2, lost 1.
+    before = accuracy([p] * 4, [ok, ok, bad, bad])
+    after = accuracy([p] * 4, [bad, ok, ok, ok])
+    g = paired_gain(before, after)
+    # d = (-1, 0, 1, 1): mean 1/4; sample variance ((5/4)^2 + (1/4)^2 + 2 (3/4)^2) / 3 = 11/12.
+    assert (g.gained, g.lost, g.n_prompts) == (2, 1, 4)
+    assert g.points == pytest.approx(25.0)
+    assert g.standard_error_points == pytest.approx(100 * (11 / 12 / 4) ** 0.5)
+    assert g.points == pytest.approx(100 * (after.prompt_level - before.prompt_level))
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_gain(before, accuracy([p] * 3, [ok, ok, ok]))
 
 
 # --- the simulated labeller ----------------------------------------------------------------------
