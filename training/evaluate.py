@@ -23,7 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.data.constraints import ConstraintPrompt, IFEvalAccuracy, accuracy, generate_prompts
+from training.data.constraints import (
+    ConstraintPrompt,
+    IFEvalAccuracy,
+    accuracy,
+    generate_prompts,
+    paired_gain,
+)
 from training.judges import ConstraintJudge, RewardModelJudge, WinRate, judge_win_rate
 
 if TYPE_CHECKING:
@@ -271,6 +277,10 @@ def evaluate(
         if rm is not None:
             wr["reward_model"] = judge_win_rate(rm, prompts, answers["policy"], answers["baseline"])
         out["win_rate"] = {k: v.to_json() for k, v in wr.items()}
+        # Same prompts on both sides: the gain's paired standard error is the honest one.
+        out["prompt_level_gain"] = paired_gain(
+            reports["baseline"].ifeval, reports["policy"].ifeval
+        ).to_json()
         pol, base = reports["policy"].ptx_lm_loss.nll, reports["baseline"].ptx_lm_loss.nll
         out["ptx_lm_loss_rise"] = (pol - base) / base
     out["samples"] = [
@@ -297,8 +307,15 @@ def format_table(report: dict[str, Any]) -> str:
     if any(models[n]["mean_reward"] is not None for n in names):
         rows.append(("mean RM score", [f"{models[n]['mean_reward']:.3f}" for n in names]))
     width = max(len(r[0]) for r in [*rows, ("win rate (reward_model)", [])])
+    gain = report.get("prompt_level_gain")
     lines = ["metric".ljust(width) + "".join(f"  {n:>10}" for n in names)]
     lines += [label.ljust(width) + "".join(f"  {v:>10}" for v in vals) for label, vals in rows]
+    if gain:
+        lines.append(
+            f"{'prompt-level gain'.ljust(width)}  {gain['points']:>+10.1f}  "
+            f"± {gain['standard_error_points']:.1f} points "
+            f"(prompts gained/lost {gain['gained']}/{gain['lost']})"
+        )
     for judge, w in report.get("win_rate", {}).items():
         lines.append(
             f"{f'win rate ({judge})'.ljust(width)}  {w['win_rate']:>10.3f}  ± {w['stderr']:.3f} "

@@ -198,11 +198,15 @@ def test_format_table() -> None:
             "constraints": {"win_rate": 0.6, "stderr": 0.05, "wins": 5, "ties": 2, "losses": 3}
         },
         "ptx_lm_loss_rise": 0.1 / 1.9,
-    }
+        "prompt_level_gain": {
+            "points": 12.5, "standard_error_points": 4.31, "gained": 3, "lost": 1, "n_prompts": 16
+        },
+    }  # fmt: skip
     table = format_table(report)
     assert "prompt-level accuracy" in table and "0.250" in table
     assert "win rate (constraints)" in table and "0.600" in table and "5/2/3" in table
     assert "+5.26%" in table
+    assert "+12.5  ± 4.3 points (prompts gained/lost 3/1)" in table
 
 
 # --- the verb, end to end (vLLM) -----------------------------------------------------------------
@@ -244,6 +248,9 @@ def test_eval_cli_same_model_both_sides(tiny_model_dir: Path, tmp_path: Path) ->
     assert r["win_rate"]["constraints"]["ties"] == 6
     assert r["win_rate"]["constraints"]["win_rate"] == 0.5
     assert r["ptx_lm_loss_rise"] == 0.0
+    gain = r["prompt_level_gain"]
+    assert (gain["points"], gain["gained"], gain["lost"], gain["n_prompts"]) == (0.0, 0, 0, 6)
+    assert len(pol["ifeval"]["per_prompt"]) == 6
     expected = model_lm_loss(tiny_model_dir, TEXTS, device="cpu")
     assert pol["ptx_lm_loss"]["nll"] == pytest.approx(expected.nll, rel=1e-6)
 
