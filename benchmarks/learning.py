@@ -342,6 +342,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     total = sum(phases.values())
 
     main = after["ppo_ptx"]
+    gain_points = 100 * (main.prompt_level - before.prompt_level)
     rise = {k: (v.nll - loss["sft"].nll) / loss["sft"].nll for k, v in loss.items() if k != "sft"}
     result = {
         "benchmark": "learning",
@@ -353,7 +354,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             "before": before.to_json(),
             **{k: v.to_json() for k, v in after.items()},
         },
-        "prompt_level_gain_points": 100 * (main.prompt_level - before.prompt_level),
+        "prompt_level_gain_points": gain_points,
         # The same prompts before and after: the paired standard error of the gain, and how
         # many prompts each policy gained or lost against the SFT policy.
         "paired_gain": {k: paired_gain(before, v).to_json() for k, v in after.items()},
@@ -378,7 +379,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             "wall_this_invocation": time.time() - t0,
         },
         "targets": {
-            "prompt_level_gain_points>=10": 100 * (main.prompt_level - before.prompt_level) >= 10,
+            "prompt_level_gain_points>=10": gain_points >= 10,
             "ppo_ptx_lm_loss_rise<=2%": rise["ppo_ptx"] <= 0.02,
             "recipe_minutes<=60": recipe_total <= 3600,
         },
@@ -431,21 +432,15 @@ def markdown(r: dict[str, Any]) -> str:
         )
     rm = r["reward_model"]
     secs = r["seconds"]
+    paired = ", ".join(
+        f"{k} {g['points']:+.1f} ± {g['standard_error_points']:.1f} ({g['gained']}/{g['lost']})"
+        for k, g in r.get("paired_gain", {}).items()
+    )  # absent from result files written before 2026-12-04
     lines += [
         "",
         f"- Prompt-level gain under PPO-ptx: {r['prompt_level_gain_points']:+.1f} points "
         f"(target ≥ +10) on {acc['before']['n_prompts']} held-out prompts"
-        + (
-            "; paired standard error, prompts gained/lost vs SFT: "
-            + ", ".join(
-                f"{k} {g['points']:+.1f} ± {g['standard_error_points']:.1f} "
-                f"({g['gained']}/{g['lost']})"
-                for k, g in r["paired_gain"].items()
-            )
-            if r.get("paired_gain")
-            else ""
-        )
-        + ".",
+        + (f"; paired standard error, prompts gained/lost vs SFT: {paired}." if paired else "."),
         f"- Reward model held-out pairwise accuracy: {rm.get('val_accuracy', float('nan')):.3f} "
         f"on {rm.get('val_pairs', '?')} pairs (paper: about 0.70).",
         "- ptx LM loss rise vs SFT: "

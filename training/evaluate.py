@@ -307,10 +307,9 @@ def format_table(report: dict[str, Any]) -> str:
     if any(models[n]["mean_reward"] is not None for n in names):
         rows.append(("mean RM score", [f"{models[n]['mean_reward']:.3f}" for n in names]))
     width = max(len(r[0]) for r in [*rows, ("win rate (reward_model)", [])])
-    gain = report.get("prompt_level_gain")
     lines = ["metric".ljust(width) + "".join(f"  {n:>10}" for n in names)]
     lines += [label.ljust(width) + "".join(f"  {v:>10}" for v in vals) for label, vals in rows]
-    if gain:
+    if gain := report.get("prompt_level_gain"):
         lines.append(
             f"{'prompt-level gain'.ljust(width)}  {gain['points']:>+10.1f}  "
             f"± {gain['standard_error_points']:.1f} points "
