@@ -360,28 +360,27 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     # Along the run: the saved step checkpoints, scored like the final ones (not in the recipe's
     # time: a way to choose the number of steps, not part of it).
     curve: dict[str, list[dict[str, Any]]] = {}
+
+    def point(step: Any, acc: Any, ans: list[str], **extra: Any) -> dict[str, Any]:
+        return {
+            "step": step,
+            "prompt_level": acc.prompt_level,
+            "instruction_level": acc.instruction_level,
+            "paired_gain": paired_gain(before, acc).to_json(),
+            "answer_words": _words(ans),
+            **extra,
+        }
+
     for name in runs if cfg.eval_steps else ():
         for step, path in _step_checkpoints(work / name):
             t = time.time()
             ans = generate_answers(path, eval_p, max_tokens=cfg.eval_max_tokens)
             acc = accuracy(eval_p, ans)
-            curve.setdefault(name, []).append({
-                "step": step,
-                "prompt_level": acc.prompt_level,
-                "instruction_level": acc.instruction_level,
-                "paired_gain": paired_gain(before, acc).to_json(),
-                "answer_words": _words(ans),
-                "eval_seconds": time.time() - t,
-            })  # fmt: skip
+            curve.setdefault(name, []).append(point(step, acc, ans, eval_seconds=time.time() - t))
             _log(t0, f"{name} step {step}: prompt-level {acc.prompt_level:.3f}")
         if name in curve:
-            curve[name].append({
-                "step": runs[name].metrics.get("steps"),
-                "prompt_level": after[name].prompt_level,
-                "instruction_level": after[name].instruction_level,
-                "paired_gain": paired_gain(before, after[name]).to_json(),
-                "answer_words": _words(answers[name]),
-            })  # fmt: skip
+            steps = runs[name].metrics.get("steps")
+            curve[name].append(point(steps, after[name], answers[name]))
 
     # The recipe (issue 3: SFT policy -> RM -> PPO-ptx, evaluated) is what the 60 minutes are
     # for; plain PPO is a comparison run for the alignment tax. A resumed run counts the time
