@@ -279,6 +279,11 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
         phases[f"{name}_s"] = state["phases"][f"{name}_s"]
         return ck
 
+    def finished(name: str, settings: Any, started: float) -> None:
+        """Record a stage this run did: its time, and the settings reuse() compares."""
+        phases[f"{name}_s"] = time.time() - started
+        save_state(phases=phases, settings={**state.get("settings", {}), name: _plain(settings)})
+
     # Share of constraints the sampled answers meet (the raw material the RM learns from).
     sample_scores = [score(p, c.text) for p, cs in zip(train_p, outs, strict=False) for c in cs]
 
@@ -303,8 +308,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     if rm is None:
         _log(t0, "training the reward model")
         rm = run_reward_model(rm_cfg)
-        phases["rm_s"] = time.time() - t
-        save_state(phases=phases, settings={**state.get("settings", {}), "rm": _plain(rm_cfg)})
+        finished("rm", rm_cfg, t)
     _log(t0, f"RM: {rm.metrics}")
 
     # -- 4. PPO-ptx and plain PPO
@@ -334,8 +338,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
         if ck is None:
             _log(t0, f"{name}: PPO with gamma_ptx={gamma_ptx}")
             ck = run_ppo(ppo_cfg)
-            phases[f"{name}_s"] = time.time() - t
-            save_state(phases=phases, settings={**state.get("settings", {}), name: _plain(ppo_cfg)})
+            finished(name, ppo_cfg, t)
         runs[name] = ck
         _log(t0, f"{name}: {ck.metrics}")
 
@@ -357,30 +360,36 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             f"{name}: prompt-level {after[name].prompt_level:.3f}, "
             f"ptx LM loss {loss[name].nll:.4f} (SFT {loss['sft'].nll:.4f})",
         )
+    # The same prompts before and after: the paired standard error of the gain, and how
+    # many prompts each policy gained or lost against the SFT policy.
+    gains = {k: paired_gain(before, v).to_json() for k, v in after.items()}
     # Along the run: the saved step checkpoints, scored like the final ones (not in the recipe's
     # time: a way to choose the number of steps, not part of it).
     curve: dict[str, list[dict[str, Any]]] = {}
 
-    def point(step: Any, acc: Any, ans: list[str], **extra: Any) -> dict[str, Any]:
+    def point(step: Any, acc: Any, gain: Any, ans: list[str], **extra: Any) -> dict[str, Any]:
         return {
             "step": step,
             "prompt_level": acc.prompt_level,
             "instruction_level": acc.instruction_level,
-            "paired_gain": paired_gain(before, acc).to_json(),
+            "paired_gain": gain,
             "answer_words": _words(ans),
             **extra,
         }
 
     for name in runs if cfg.eval_steps else ():
-        for step, path in _step_checkpoints(work / name):
+        for step, path in _step_checkpoints(runs[name]):
             t = time.time()
             ans = generate_answers(path, eval_p, max_tokens=cfg.eval_max_tokens)
             acc = accuracy(eval_p, ans)
-            curve.setdefault(name, []).append(point(step, acc, ans, eval_seconds=time.time() - t))
+            gain = paired_gain(before, acc).to_json()
+            curve.setdefault(name, []).append(
+                point(step, acc, gain, ans, eval_seconds=time.time() - t)
+            )
             _log(t0, f"{name} step {step}: prompt-level {acc.prompt_level:.3f}")
         if name in curve:
             steps = runs[name].metrics.get("steps")
-            curve[name].append(point(steps, after[name], answers[name]))
+            curve[name].append(point(steps, after[name], gains[name], answers[name]))
 
     # The recipe (issue 3: SFT policy -> RM -> PPO-ptx, evaluated) is what the 60 minutes are
     # for; plain PPO is a comparison run for the alignment tax. A resumed run counts the time
@@ -403,9 +412,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             **{k: v.to_json() for k, v in after.items()},
         },
         "prompt_level_gain_points": gain_points,
-        # The same prompts before and after: the paired standard error of the gain, and how
-        # many prompts each policy gained or lost against the SFT policy.
-        "paired_gain": {k: paired_gain(before, v).to_json() for k, v in after.items()},
+        "paired_gain": gains,
         # Degeneration shows here first (answers shrinking to a title or a P.S. meet many
         # checkers): mean words, and the share of answers under 8 words.
         "answer_words": {k: _words(v) for k, v in answers.items()},
@@ -436,15 +443,16 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     return result
 
 
-def _step_checkpoints(final: Path) -> list[tuple[int, Path]]:
-    """The `<final>.stepN` checkpoints PPO's save_every wrote on the way to `final`, by step
-    (those of an earlier run in the same work dir, with another config, are left out)."""
+def _step_checkpoints(final: Any) -> list[tuple[int, Path]]:
+    """The `<final>.stepN` checkpoints PPO's save_every wrote on the way to `final` (a
+    CheckpointInfo), by step; those of an earlier run in the same work dir, with another
+    config, are left out."""
     from training.checkpoint import CheckpointError, read_checkpoint
 
-    config = read_checkpoint(final).manifest.get("config")
+    config, base = final.manifest.get("config"), final.path
     found = []
-    for p in final.parent.glob(f"{final.name}.step*"):
-        suffix = p.name.removeprefix(f"{final.name}.step")
+    for p in base.parent.glob(f"{base.name}.step*"):
+        suffix = p.name.removeprefix(f"{base.name}.step")
         try:
             same_run = suffix.isdigit() and read_checkpoint(p).manifest.get("config") == config
         except CheckpointError:
