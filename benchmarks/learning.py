@@ -567,11 +567,14 @@ def main(argv: list[str] | None = None) -> int:
         key, _, raw = item.partition("=")
         if not hasattr(cfg, key):
             ap.error(f"unknown LearningConfig field {key!r}")
+        cur = getattr(cfg, key)
         try:
-            value = json.loads(raw)
+            value = raw if isinstance(cur, str) else json.loads(raw)
         except ValueError:
             value = raw
-        cur = getattr(cfg, key)
+        # A typo must not run an hour with the wrong setting ("yes" is truthy, "1e3" a str).
+        if type(value) is not type(cur):
+            ap.error(f"{key} takes a JSON {type(cur).__name__}, got {raw!r}")
         setattr(cfg, key, {**cur, **value} if isinstance(cur, dict) else value)
     result = run(cfg)
     out = Path(args.out)

@@ -84,3 +84,26 @@ def test_learning_harness_quick_run_and_resume(model_dir: Path, tmp_path: Path) 
     assert r2["seconds"]["sample_s"] == r["seconds"]["sample_s"]
     assert r2["seconds"]["rm_s"] == r["seconds"]["rm_s"]
     assert r2["checkpoint_curve"] == {}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("eval_steps=yes", "eval_steps takes a JSON bool"),
+        ("n_train_prompts=1e3", "n_train_prompts takes a JSON int"),
+        ("ppo=32", "ppo takes a JSON dict"),
+        ("no_such_field=1", "unknown LearningConfig field"),
+    ],
+)
+def test_learning_harness_refuses_a_bad_override(
+    override: str, message: str, tmp_path: Path
+) -> None:
+    """Refused before anything runs: no work dir, no result file."""
+    work, out = tmp_path / "work", tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "benchmarks.learning", "--work-dir", str(work)]
+    proc = subprocess.run(
+        [*cmd, "--out", str(out), override], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not work.exists() and not out.exists()
