@@ -576,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
         if type(value) is not type(cur):
             ap.error(f"{key} takes a JSON {type(cur).__name__}, got {raw!r}")
         setattr(cfg, key, {**cur, **value} if isinstance(cur, dict) else value)
+    if cfg.eval_steps and not cfg.ppo.get("save_every"):
+        # Otherwise the run trains for most of an hour and scores no step at all.
+        ap.error('eval_steps=true scores the checkpoints of ppo={"save_every": N}; set N > 0')
     result = run(cfg)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -93,6 +93,8 @@ def test_learning_harness_quick_run_and_resume(model_dir: Path, tmp_path: Path) 
         ("n_train_prompts=1e3", "n_train_prompts takes a JSON int"),
         ("ppo=32", "ppo takes a JSON dict"),
         ("no_such_field=1", "unknown LearningConfig field"),
+        # No ppo save_every: no step checkpoint to score.
+        ("eval_steps=true", 'eval_steps=true scores the checkpoints of ppo={"save_every": N}'),
     ],
 )
 def test_learning_harness_refuses_a_bad_override(
