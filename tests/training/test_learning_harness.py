@@ -64,6 +64,8 @@ def test_learning_harness_quick_run_and_resume(model_dir: Path, tmp_path: Path) 
     assert [c["step"] for c in curve] == [1, 2]
     assert curve[-1]["prompt_level"] == acc["ppo_ptx"]["prompt_level"]
     assert all(0.0 <= c["prompt_level"] <= 1.0 for c in curve)
+    assert curve[-1]["ptx_lm_loss"] == r["ptx_lm_loss"]["ppo_ptx"]["nll"]
+    assert all(c["ptx_lm_loss"] > 0 for c in curve)
     md = out.with_suffix(".md").read_text()
     assert "Along the ppo_ptx run" in md and "Targets met" in md
 
