@@ -97,16 +97,15 @@ class LearningConfig:
     """RewardModelConfig overrides (paper: 1 epoch, lr 9e-6, batch 64 on a 6B model)."""
     ppo: dict[str, Any] = field(
         default_factory=lambda: {
-            # 16 steps of 32 at lr 5e-5 (Zen 4 EPYC, 2026-12-04, one run scored every 8 steps:
-            # +4.0, +13.5, +10.5, +15.0 at steps 8-32, answers 60 -> 35 -> 22 words). At lr 2e-5
-            # the clip fraction stayed near 0.2% and 32 steps gained +7.5 and +11.0; with 16
-            # rollouts a step (and the RM of 256 prompts) +5 at step 32. The LR is constant
-            # after warm-up, so a shorter run is the start of a longer one.
-            "total_episodes": 512,
+            # 32 steps of 32 at lr 2e-5 (Zen 4 EPYC, 2026-12-04: +7.5 and +11.0, answers about
+            # 30 words). lr 5e-5 rose sooner but collapsed answers: two PPO seeds scored every 8
+            # steps gave +4.0/+13.5/+10.5/+15.0 and +5.0/+6.5/+8.0/+10.0, answers down to 22
+            # and 12 words by step 32 (README). With 16 rollouts a step, +5 at step 32.
+            "total_episodes": 1024,
             "batch_size": 32,
             "minibatch_size": 16,
             "ppo_epochs": 2,
-            "lr": 5e-5,
+            "lr": 2e-5,
             "critic_lr": 3e-5,
             "warmup_steps": 2,
             # β above the paper's 0.02: at 0.02 and γ_ptx = 0 the policy collapsed into what the
@@ -411,7 +410,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     total = sum(phases.values())
 
     main = after["ppo_ptx"]
-    gain_points = 100 * (main.prompt_level - before.prompt_level)
+    gain_points = gain_in_points(main.prompt_level, before.prompt_level)
     rise = {k: (v.nll - loss["sft"].nll) / loss["sft"].nll for k, v in loss.items() if k != "sft"}
     result = {
         "benchmark": "learning",
@@ -453,6 +452,12 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
         },
     }
     return result
+
+
+def gain_in_points(after: float, before: float) -> float:
+    """100 * (after - before), rounded: 0.375 - 0.275 is 0.0999... in floats, and a +10.0
+    gain must meet the ">= 10" target."""
+    return round(100 * (after - before), 6)
 
 
 def _step_checkpoints(final: Any) -> list[tuple[int, Path]]:

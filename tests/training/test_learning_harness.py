@@ -111,3 +111,11 @@ def test_learning_harness_refuses_a_bad_override(
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not work.exists() and not out.exists()
+
+
+def test_gain_in_points_is_exact_for_accuracies_of_200_prompts() -> None:
+    from benchmarks.learning import gain_in_points
+
+    assert 100 * (0.375 - 0.275) < 10  # the float trap the helper avoids
+    assert gain_in_points(0.375, 0.275) == 10.0
+    assert gain_in_points(0.27, 0.345) == -7.5
