@@ -77,7 +77,8 @@ def test_learning_harness_quick_run_and_resume(model_dir: Path, tmp_path: Path) 
         out,
         f"model={model_dir}",
         "eval_steps=true",
-        'ppo={"lr": 1e-5}',
+        # save_every 2 of 2 steps writes no step checkpoint: only the stale step 1 is there.
+        'ppo={"lr": 1e-5, "save_every": 2}',
     )
     assert "resuming: samples" in proc.stderr and "resuming: rm" in proc.stderr
     assert "ppo_ptx: the previous run used other settings" in proc.stderr
