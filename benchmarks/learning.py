@@ -366,6 +366,11 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     # The same prompts before and after: the paired standard error of the gain, and how
     # many prompts each policy gained or lost against the SFT policy.
     gains = {k: paired_gain(before, v).to_json() for k, v in after.items()}
+
+    def rise_of(nll: float) -> float:
+        """The alignment tax: the relative rise of held-out ptx LM loss over the SFT policy's."""
+        return (nll - loss["sft"].nll) / loss["sft"].nll
+
     # Along the run: the saved step checkpoints, scored like the final ones (not in the recipe's
     # time: a way to choose the number of steps, not part of it).
     curve: dict[str, list[dict[str, Any]]] = {}
@@ -381,7 +386,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             "answer_words": _words(ans),
             # The alignment tax along the run too: the step to choose must keep it.
             "ptx_lm_loss": nll,
-            "ptx_lm_loss_rise": (nll - loss["sft"].nll) / loss["sft"].nll,
+            "ptx_lm_loss_rise": rise_of(nll),
             **extra,
         }
 
@@ -409,9 +414,8 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     recipe_total = sum(phases.get(k, 0.0) for k in recipe)
     total = sum(phases.values())
 
-    main = after["ppo_ptx"]
-    gain_points = gain_in_points(main.prompt_level, before.prompt_level)
-    rise = {k: (v.nll - loss["sft"].nll) / loss["sft"].nll for k, v in loss.items() if k != "sft"}
+    gain_points = gains["ppo_ptx"]["points"]
+    rise = {k: rise_of(v.nll) for k, v in loss.items() if k != "sft"}
     result = {
         "benchmark": "learning",
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -452,12 +456,6 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
         },
     }
     return result
-
-
-def gain_in_points(after: float, before: float) -> float:
-    """100 * (after - before), rounded: 0.375 - 0.275 is 0.0999... in floats, and a +10.0
-    gain must meet the ">= 10" target."""
-    return round(100 * (after - before), 6)
 
 
 def _step_checkpoints(final: Any) -> list[tuple[int, Path]]:

@@ -16,6 +16,7 @@ from training.data.constraints import (
     SUBJECTS,
     ConstraintConfig,
     ConstraintPrompt,
+    IFEvalAccuracy,
     accuracy,
     follows,
     generate_prompts,
@@ -274,3 +275,14 @@ def test_demonstration_is_shortest_passing_finished_sample() -> None:
     assert pick_demonstration(p, cs).text == good_long  # type: ignore[union-attr]
     assert pick_demonstration(p, cs, require_eos=False).text == good_short  # type: ignore[union-attr]
     assert pick_demonstration(p, cs[:1]) is None
+
+
+def test_paired_gain_points_are_exact_at_a_target_boundary() -> None:
+    """0.275 -> 0.375 on 200 prompts is +10.0, not the 9.999... of subtracting accuracies,
+    which read as a missed ">= 10" target (seen in the learning benchmark)."""
+    n = 200
+    flags = [(i < 55, i < 75) for i in range(n)]  # 55 right before, 75 after (20 gained)
+    before = IFEvalAccuracy(55 / n, 0.0, n, n, {}, tuple(b for b, _ in flags))
+    after = IFEvalAccuracy(75 / n, 0.0, n, n, {}, tuple(a for _, a in flags))
+    assert 100 * (after.prompt_level - before.prompt_level) < 10  # the float trap
+    assert paired_gain(before, after).points == 10.0

@@ -51,7 +51,7 @@ def test_learning_harness_quick_run_and_resume(model_dir: Path, tmp_path: Path) 
     acc = r["heldout_accuracy"]
     assert acc["before"]["n_prompts"] == 8 and acc["ppo_ptx"]["n_prompts"] == 8
     gain = r["paired_gain"]["ppo_ptx"]
-    assert gain["points"] == pytest.approx(r["prompt_level_gain_points"])
+    assert gain["points"] == r["prompt_level_gain_points"]
     assert set(r["targets"]) == {
         "prompt_level_gain_points>=10",
         "ppo_ptx_lm_loss_rise<=2%",
@@ -112,11 +112,3 @@ def test_learning_harness_refuses_a_bad_override(
     assert proc.returncode == 2
     assert message in proc.stderr
     assert not work.exists() and not out.exists()
-
-
-def test_gain_in_points_is_exact_for_accuracies_of_200_prompts() -> None:
-    from benchmarks.learning import gain_in_points
-
-    assert 100 * (0.375 - 0.275) < 10  # the float trap the helper avoids
-    assert gain_in_points(0.375, 0.275) == 10.0
-    assert gain_in_points(0.27, 0.345) == -7.5
