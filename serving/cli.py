@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,6 +19,8 @@ import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
+
+from serving.config import EVENT_LOOPS
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -96,9 +99,9 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--replica-id", default=None, help="name of this replica (host-pid)")
     g.add_argument(
         "--event-loop",
-        choices=("asyncio", "uvloop"),
+        choices=EVENT_LOOPS,
         default=None,
-        help="event loop (asyncio)",
+        help="event loop (auto: uvloop when installed, else asyncio)",
     )
 
     g = p.add_argument_group("hot swap")
@@ -220,9 +223,16 @@ async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -
     return 0
 
 
-def run_event_loop(main: Coroutine[Any, Any, int], event_loop: str = "asyncio") -> int:
+def resolve_event_loop(event_loop: str) -> str:
+    """ "auto" -> "uvloop" when it is installed, else "asyncio"; other names as they are."""
+    if event_loop != "auto":
+        return event_loop
+    return "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+
+
+def run_event_loop(main: Coroutine[Any, Any, int], event_loop: str = "auto") -> int:
     """Run the server's coroutine on the configured loop (ServerConfig.event_loop)."""
-    if event_loop == "uvloop":
+    if resolve_event_loop(event_loop) == "uvloop":
         try:
             import uvloop
         except ImportError:

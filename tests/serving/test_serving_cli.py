@@ -83,7 +83,7 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
             assert sm.model.version == resp.model_version == sm.live_version
         text = (tmp_path / "up.log").read_text()
         assert f"gRPC: 127.0.0.1:{port}" in text and "metrics: http://" in text
-        assert "event loop: asyncio" in text  # ServerConfig.event_loop's default
+        assert "event loop: uvloop" in text  # ServerConfig.event_loop "auto", uvloop installed
         redis_url = next(
             line.split("redis: ", 1)[1].strip()
             for line in text.splitlines()

@@ -45,7 +45,7 @@ def test_keys_file(tmp_path: Path) -> None:
         ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),
         ({"cpu_kvcache_space_gib": -1.0}, "cpu_kvcache_space_gib"),
         ({"max_n": 0}, "max_n"),
-        ({"event_loop": "trio"}, "event_loop must be asyncio or uvloop"),
+        ({"event_loop": "trio"}, "event_loop must be one of auto, uvloop, asyncio"),
     ],
 )
 def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
@@ -53,18 +53,36 @@ def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
         ServerConfig().with_(**changes).validate()
 
 
-@pytest.mark.parametrize(("choice", "loop_module"), [("asyncio", "asyncio"), ("uvloop", "uvloop")])
-def test_server_runs_on_the_configured_event_loop(choice: str, loop_module: str) -> None:
+@pytest.mark.parametrize(
+    ("choice", "uvloop_installed", "loop_module"),
+    [
+        ("asyncio", True, "asyncio"),
+        ("uvloop", True, "uvloop"),
+        ("auto", True, "uvloop"),  # the default: uvloop where it is installed (vLLM brings it)
+        ("auto", False, "asyncio"),
+    ],
+)
+def test_server_runs_on_the_configured_event_loop(
+    choice: str, uvloop_installed: bool, loop_module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import asyncio
+    import importlib.util
 
     from serving.cli import run_event_loop
 
+    assert importlib.util.find_spec("uvloop") is not None  # vLLM's dependency
+    if not uvloop_installed:
+        real = importlib.util.find_spec
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name)
+        )
     seen: list[str] = []
 
     async def main() -> int:
         seen.append(type(asyncio.get_running_loop()).__module__)
         return 7
 
+    assert ServerConfig().event_loop == "auto"
     assert run_event_loop(main(), choice) == 7
     assert seen[0].split(".")[0] == loop_module
 
