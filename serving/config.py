@@ -142,8 +142,8 @@ class ServerConfig:
     """Event loop of `instructloop serve`: "uvloop" (needs the uvloop package; vLLM installs it,
     and `vllm serve` runs on it), "asyncio" (the standard loop), or "auto": uvloop when it is
     installed, else asyncio. In the feedback benchmark (SubmitRanking at c = 64, 2-core machines,
-    2026-12-03/04) the p99 on uvloop was 43.7-57.2 ms over 14 runs (median 49.2, under 50 in 8)
-    against 46.8-63.6 ms over 5 on asyncio (median 58.7, under 50 in 1); throughput was within
+    2026-12-03 to 05) the p99 on uvloop was 43.7-57.2 ms over 15 runs (median 49.0, under 50 in
+    9) against 46.8-63.6 ms over 6 on asyncio (median 54.9, under 50 in 1); throughput was within
     the run-to-run spread on both."""
 
     @classmethod
