@@ -73,9 +73,11 @@ def test_server_runs_on_the_configured_event_loop(
     assert importlib.util.find_spec("uvloop") is not None  # vLLM's dependency
     if not uvloop_installed:
         real = importlib.util.find_spec
-        monkeypatch.setattr(
-            importlib.util, "find_spec", lambda name, *a: None if name == "uvloop" else real(name)
-        )
+
+        def find_spec(name: str, *args: object) -> object:
+            return None if name == "uvloop" else real(name, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(importlib.util, "find_spec", find_spec)
     seen: list[str] = []
 
     async def main() -> int:
