@@ -114,6 +114,12 @@ class LearningConfig:
             # The paper's 27.8 weighs a pretraining mix for 175B; here 0.5 already brought the
             # held-out ptx loss below SFT's by step 20 (2.36 vs 3.29 nats/token, 2026-12-03).
             "gamma_ptx": 0.5,
+            # No missing-EOS penalty: on normalised rewards PPOConfig's 1.0 is a whole RM
+            # standard deviation, taken from the 30-50% of early rollouts cut at 96 tokens, and
+            # it taught the policy to stop early. Same samples and RM (Xeon, 2026-12-05): with
+            # it +9.0 at step 32, answers 58 -> 25 words (29% under 8); without it +11.5,
+            # 43 words (12% under 8), and 20.6 instead of 26.4 min of PPO.
+            "missing_eos_penalty": 0.0,
             "ptx_batch_size": 4,
             "ptx_max_length": 192,
             "trainable_layers": 10,
