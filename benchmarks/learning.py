@@ -118,7 +118,7 @@ class LearningConfig:
             # standard deviation, taken from the 30-50% of early rollouts cut at 96 tokens, and
             # it taught the policy to stop early. Same samples and RM (Xeon, 2026-12-05): with
             # it +9.0 at step 32, answers 58 -> 25 words (29% under 8); without it +11.5,
-            # 43 words (12% under 8), and 20.6 instead of 26.4 min of PPO.
+            # 43 words (12% under 8), and 20.6 instead of 26.4 min of PPO (partly the hour).
             "missing_eos_penalty": 0.0,
             "ptx_batch_size": 4,
             "ptx_max_length": 192,
