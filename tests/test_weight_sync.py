@@ -27,6 +27,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -98,11 +99,60 @@ def shutdown_offline(llm) -> None:
 
 def fresh_tokens(ckpt: Path, prompts: list[str], dtype: str) -> list[list[int]]:
     """Greedy tokens of a freshly started engine on `ckpt` (plain vLLM, no extension)."""
+    return [g.tokens for g in fresh_greedy(ckpt, prompts, dtype)]
+
+
+def fresh_greedy(ckpt: Path, prompts: list[str], dtype: str) -> list[Greedy]:
     llm = offline_engine(ckpt, dtype, extension=False)
     try:
-        return offline_generate(llm, prompts)
+        return offline_greedy(llm, prompts)
     finally:
         shutdown_offline(llm)
+
+
+# bf16 logits are coarse (a step of 0.0625-0.125 at the SmolLM head's magnitudes), so greedy
+# decoding meets exact and near ties every few dozen tokens, and vLLM's CPU kernels break them
+# differently run to run in ONE engine with unchanged weights (AMX Xeon, 2026-12-05: prompt 0
+# parted at token 19, top-2 gaps 0.0625 / 0.0, in 6 of 10 repeats, reloads or not). bf16 runs
+# are therefore compared up to the first tie; a divergence where either run's top-2 gap exceeds
+# this is a real difference (wrong weights part at gaps of whole nats).
+BF16_TIE = 0.25
+
+
+@dataclass(frozen=True)
+class Greedy:
+    tokens: list[int]
+    gaps: list[float]  # top-1 minus top-2 logprob at each step
+
+
+def offline_greedy(llm, prompts: list[str], n: int = MAX_NEW) -> list[Greedy]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=2)
+    out = []
+    for o in llm.generate(prompts, params, use_tqdm=False):
+        gaps = []
+        for step in o.outputs[0].logprobs:
+            top = sorted((lp.logprob for lp in step.values()), reverse=True)
+            gaps.append(top[0] - top[1])
+        out.append(Greedy(list(o.outputs[0].token_ids), gaps))
+    return out
+
+
+def tie_mismatches(got: list[Greedy], want: list[Greedy], tol: float = BF16_TIE) -> list[str]:
+    """Where `got` and `want` part ways other than at a tie (both top-2 gaps <= tol) at the
+    first differing step; empty when they agree up to ties."""
+    bad = []
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        k = next(
+            (j for j, (a, b) in enumerate(zip(g.tokens, w.tokens, strict=True)) if a != b), None
+        )
+        if k is not None and max(g.gaps[k], w.gaps[k]) > tol:
+            bad.append(
+                f"prompt {i} token {k}: {g.tokens[k]} vs {w.tokens[k]}, "
+                f"top-2 gaps {g.gaps[k]:.3f} / {w.gaps[k]:.3f}"
+            )
+    return bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,27 +450,29 @@ async def test_async_swap_under_load_and_failures(
 @pytest.mark.slow
 def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: list[str]) -> None:
     """bf16, the serving dtype; the engine's worker is another process, so the state dict goes
-    through a staged safetensors file in /dev/shm."""
+    through a staged safetensors file in /dev/shm. Outputs are compared up to ties (BF16_TIE)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    fresh = fresh_tokens(ckpts["pert"], prompts, "bfloat16")
+    fresh = fresh_greedy(ckpts["pert"], prompts, "bfloat16")
     hf = hf_greedy(ckpts["pert"], prompts, 4, "bfloat16")
     # The first greedy token agrees; later bf16 steps may part ways (on an AMX Xeon vLLM's and
     # torch's bf16 kernels parted at token 3 or 4 of one prompt, run to run, 2026-12-02). The
-    # exact reload checks are fresh-vs-reloaded below and the fp32 tests above.
-    assert [t[:1] for t in fresh] == [t[:1] for t in hf]
+    # reload checks are fresh-vs-reloaded below and the exact fp32 tests above.
+    assert [g.tokens[:1] for g in fresh] == [t[:1] for t in hf]
 
     llm = offline_engine(ckpts["orig"], "bfloat16")
     try:
         assert not ws._worker_in_process(llm)  # default: the worker is another process
-        orig = offline_generate(llm, prompts)
-        assert all(a != b for a, b in zip(orig, fresh, strict=True))
+        orig = offline_greedy(llm, prompts)
+        # Control: the two checkpoints part ways beyond ties, so the comparisons below can fail.
+        assert all(a.tokens != b.tokens for a, b in zip(orig, fresh, strict=True))
+        assert tie_mismatches(orig, fresh)
         seconds = ws.reload_weights_sync(llm, ckpts["pert"]).load_s
-        assert offline_generate(llm, prompts) == fresh
+        assert tie_mismatches(offline_greedy(llm, prompts), fresh) == []
         ws.reload_weights_sync(llm, ckpts["orig"])
-        assert offline_generate(llm, prompts) == orig
+        assert tie_mismatches(offline_greedy(llm, prompts), orig) == []
 
         # A transformers model's state dict, as PPO has it (tied lm_head listed too).
         policy = AutoModelForCausalLM.from_pretrained(str(ckpts["pert"]), dtype=torch.bfloat16)
@@ -432,7 +484,7 @@ def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: lis
         t0 = time.perf_counter()
         ws.load_state_dict_sync(llm, state)
         sd_seconds = time.perf_counter() - t0
-        assert offline_generate(llm, prompts) == fresh
+        assert tie_mismatches(offline_greedy(llm, prompts), fresh) == []
         assert set(Path("/dev/shm").glob("instructloop-weights-*")) <= staged_before
         assert ws.served_checkpoint(llm) is None
 
@@ -441,7 +493,7 @@ def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: lis
         del bad["model.norm.weight"]
         with pytest.raises(ws.WeightSyncError, match=r"missing tensors model\.norm\.weight"):
             ws.load_state_dict_sync(llm, bad)
-        assert offline_generate(llm, prompts) == fresh
+        assert tie_mismatches(offline_greedy(llm, prompts), fresh) == []
         print(f"\nreload (bf16, LLM): from disk {seconds:.2f} s, state dict {sd_seconds:.2f} s")
     finally:
         shutdown_offline(llm)
