@@ -250,7 +250,10 @@ class PPOConfig(StageConfig):
     """Clip the (normalised) score to ±this (DeepSpeed-Chat: 5); None = no clip."""
     missing_eos_penalty: float = 1.0
     """Subtracted from the score of a response that ended without EOS (cut at max_new_tokens),
-    so length runaway does not pay (TRL recommends it); 0 = off."""
+    so length runaway does not pay (TRL recommends it); 0 = off. It is applied after
+    normalize_reward, so 1.0 is one RM standard deviation: where many early rollouts are cut
+    (a short max_new_tokens) it can teach the policy to stop early. The learning benchmark
+    runs with 0 (96-token limit; README: 25- vs 43-word answers at step 32)."""
 
     # -- guards
     kl_stop: float | None = 30.0
