@@ -15,7 +15,12 @@ from typing import Any
 
 from serving.testing import perturb_checkpoint
 
-__all__ = ["edit_checkpoint", "hf_greedy", "perturb_checkpoint"]
+__all__ = ["BF16_TIE", "edit_checkpoint", "hf_greedy", "perturb_checkpoint"]
+
+# bf16 logits of ~20 are spaced 0.125 apart, so greedy decoding meets exact and near ties, which
+# two kernels (or one vLLM CPU engine, run to run) may break either way. A top-2 gap up to this
+# counts as a tie; wrong weights part ways at gaps of whole nats.
+BF16_TIE = 0.25
 
 
 def edit_checkpoint(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]) -> Path:

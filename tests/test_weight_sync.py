@@ -33,7 +33,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ckpt_helpers import chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
+from ckpt_helpers import BF16_TIE, chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
 
 from instructloop import weight_sync as ws
 
@@ -73,10 +73,10 @@ def ckpts(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 # ---------------------------------------------------------------------------------------------
 
 
-def _sampling(n: int = MAX_NEW):
+def _sampling(n: int = MAX_NEW, logprobs: int | None = None):
     from vllm import SamplingParams
 
-    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=logprobs)
 
 
 def offline_generate(llm, prompts: list[str], n: int = MAX_NEW) -> list[list[int]]:
@@ -110,13 +110,9 @@ def fresh_greedy(ckpt: Path, prompts: list[str], dtype: str) -> list[Greedy]:
         shutdown_offline(llm)
 
 
-# bf16 logits are coarse (a step of 0.0625-0.125 at the SmolLM head's magnitudes), so greedy
-# decoding meets exact and near ties every few dozen tokens, and vLLM's CPU kernels break them
-# differently run to run in ONE engine with unchanged weights (AMX Xeon, 2026-12-05: prompt 0
-# parted at token 19, top-2 gaps 0.0625 / 0.0, in 6 of 10 repeats, reloads or not). bf16 runs
-# are therefore compared up to the first tie; a divergence where either run's top-2 gap exceeds
-# this is a real difference (wrong weights part at gaps of whole nats).
-BF16_TIE = 0.25
+# vLLM's CPU kernels break bf16 ties differently run to run in ONE engine with unchanged weights
+# (AMX Xeon, 2026-12-05: prompt 0 parted at token 19, top-2 gaps 0.0625 / 0.0, in 6 of 10
+# repeats, reloads or not), so bf16 runs are compared up to the first tie (BF16_TIE).
 
 
 @dataclass(frozen=True)
@@ -126,11 +122,8 @@ class Greedy:
 
 
 def offline_greedy(llm, prompts: list[str], n: int = MAX_NEW) -> list[Greedy]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=2)
     out = []
-    for o in llm.generate(prompts, params, use_tqdm=False):
+    for o in llm.generate(prompts, _sampling(n, logprobs=2), use_tqdm=False):
         gaps = []
         for step in o.outputs[0].logprobs:
             top = sorted((lp.logprob for lp in step.values()), reverse=True)

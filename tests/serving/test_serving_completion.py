@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
+from ckpt_helpers import BF16_TIE
 from serving_helpers import chat, redis_state, stored_completion, stubs
 
 from instructloop.hardware import engine_dtype
@@ -20,8 +21,6 @@ from serving.testing import Served
 
 pytestmark = pytest.mark.engine
 
-# bf16 logits of ~20 are spaced 0.125 apart: two kernels may round a near-tie either way.
-BF16_TIE = 0.25
 ID = re.compile(r"^(cmpl|resp)-[0-9a-f]{32}$")
 HAIKU = (("system", "You are a concise assistant."), ("user", "Write a haiku about autumn."))
 
