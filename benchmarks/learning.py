@@ -99,9 +99,9 @@ class LearningConfig:
         default_factory=lambda: {
             # 32 steps of 32. With the missing-EOS penalty (below) lr 3e-5 and 5e-5 gained more
             # than 2e-5 only by collapsing answers (20 and 12-22 words by step 32); without it,
-            # lr 2e-5 gained +11.5 (seed 0) and +9.0 (seed 1), lr 3e-5 +16.5 (seed 1, steps
-            # 8/16/24/32: +0.5/+11.0/+12.0/+16.5) with 43-word answers (Xeon, 2026-12-05,
-            # README). Clip fraction and approx. KL per update stay small (< 1%, ~0.001).
+            # lr 2e-5 gained +11.5 (seed 0) and +9.0 (seed 1), lr 3e-5 +11.5 (seed 0, 34-word
+            # answers) and +16.5 (seed 1, 43 words) at step 32 (Xeon, 2026-12-05, README).
+            # Clip fraction and approx. KL per update stay small (< 1%, ~0.001).
             "total_episodes": 1024,
             "batch_size": 32,
             "minibatch_size": 16,
