@@ -55,7 +55,11 @@ class Keys:
         return f"{self.prefix}log:feedback"
 
     def rate(self, user_id: str, window: int) -> str:
-        return f"{self.prefix}rl:{len(user_id)}:{user_id}:{window}"
+        return f"{self.rate_prefix}{len(user_id)}:{user_id}:{window}"
+
+    @property
+    def rate_prefix(self) -> str:
+        return f"{self.prefix}rl:"
 
     @property
     def stats(self) -> str:

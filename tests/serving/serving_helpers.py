@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 import redis
 
+from feedback.keys import Keys
 from instructloop.v1 import (
     completion_pb2,
     completion_pb2_grpc,
@@ -42,11 +43,11 @@ def chat(*pairs: tuple[str, str], **kw: Any) -> completion_pb2.CompletionRequest
 
 def redis_state(client: redis.Redis) -> dict[str, Any]:
     """Every key of the database with a digest of its content: equal states = nothing written.
-    Rate-limit windows (`il:rl:...`) are left out: they are counters, not records, and one set by
+    Rate-limit windows (Keys.rate) are left out: they are counters, not records, and one set by
     an earlier request can expire between two snapshots (a flake seen in CI, 2026-12-05)."""
     state: dict[str, Any] = {}
     for key in sorted(client.scan_iter(count=1000)):
-        if ":rl:" in key:
+        if key.startswith(Keys(PREFIX).rate_prefix):
             continue
         t = client.type(key)
         if t == "string":
