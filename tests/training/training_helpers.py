@@ -79,4 +79,58 @@ def vllm_greedy(engine: Any, prompts: list[list[int]], max_new_tokens: int) -> l
     return [r.response_ids for r in rollouts]
 
 
+def vllm_token_logprobs(engine: Any, seqs: list[list[int]]) -> list[list[float]]:
+    """The engine's log-probability of each token of each sequence given the tokens before it
+    (vLLM's prompt_logprobs; the first token has none). Unlike greedy tokens, these move with
+    any weight change, so they tell two policies apart even where both answer alike."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+    outs = engine.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+    return [
+        [lp[t].logprob for t, lp in zip(s[1:], o.prompt_logprobs[1:], strict=True)]
+        for s, o in zip(seqs, outs, strict=True)
+    ]
+
+
+def hf_token_logprobs(model: Any, seqs: list[list[int]]) -> list[list[float]]:
+    """transformers' log-probability of each token given the tokens before it (as above)."""
+    import torch
+
+    out = []
+    for s in seqs:
+        with torch.no_grad():
+            logits = model(torch.tensor([s])).logits[0, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s[1:])[:, None])
+        out.append(lp[:, 0].tolist())
+    return out
+
+
+def max_abs_diff(a: list[list[float]], b: list[list[float]]) -> float:
+    return max(abs(x - y) for ra, rb in zip(a, b, strict=True) for x, y in zip(ra, rb, strict=True))
+
+
+def scored_sequences(data_dir: Path, tokenizer: Any) -> list[list[int]]:
+    """greedy_prompts, each followed by a fixed answer, for the token log-probability checks."""
+    answer = tokenizer("apple river apple stone", add_special_tokens=False)["input_ids"]
+    return [p + answer for p in greedy_prompts(data_dir, tokenizer)]
+
+
 GREEDY_TOKENS = 12
+
+
+def sampled_reward(
+    engine: Any,
+    checkpoint: Path,
+    prompts: list[list[int]],
+    reward_fn: Any,
+    *,
+    reps: int = 8,
+    max_new_tokens: int = 8,
+) -> float:
+    """Mean reward of `reps` samples per prompt (temperature 1) from `checkpoint`, loaded into
+    the engine. 384 samples estimate it to about 0.015, a PPO log row's 32 to about 0.05."""
+    engine.load_checkpoint(checkpoint)
+    outs = engine.generate(prompts * reps, max_new_tokens=max_new_tokens, temperature=1.0)
+    rewards = reward_fn([""] * len(outs), [o.text for o in outs])
+    return sum(rewards) / len(rewards)
