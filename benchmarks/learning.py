@@ -83,8 +83,10 @@ class LearningConfig:
             # 2026-12-03, 2-core Xeon (188 train / 43 val groups, K = 8): the top 10 of 30
             # layers at lr 1e-4 (head 1e-3) for 3 epochs reached 0.76 held-out accuracy, the
             # full model at 3e-5 for 1 epoch 0.62. These defaults on a 2-core EPYC: 0.80 on
-            # 514 held-out pairs in 22 min (float32).
-            "epochs": 3,
+            # 514 held-out pairs in 22 min (float32). 2 epochs, not 3, since 2026-12-05: the RM
+            # took 19-24 min of the 60 (3 epochs); 2 epochs on a Zen 4 EPYC, seed 1: 0.719 on
+            # 595 pairs in 15.0 min (3 epochs, same seed on the Xeon: 0.704), PPO-ptx +11.5.
+            "epochs": 2,
             "batch_size": 8,
             "grad_accum": 4,  # 8 groups of 8 at once did not fit in 24 GB
             "lr": 1e-4,
