@@ -46,8 +46,9 @@ def redis_state(client: redis.Redis) -> dict[str, Any]:
     Rate-limit windows (Keys.rate) are left out: they are counters, not records, and one set by
     an earlier request can expire between two snapshots (a flake seen in CI, 2026-12-05)."""
     state: dict[str, Any] = {}
+    rate_prefix = Keys(PREFIX).rate_prefix
     for key in sorted(client.scan_iter(count=1000)):
-        if key.startswith(Keys(PREFIX).rate_prefix):
+        if key.startswith(rate_prefix):
             continue
         t = client.type(key)
         if t == "string":

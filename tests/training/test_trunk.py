@@ -256,10 +256,10 @@ def test_ppo_with_a_frozen_trunk_syncs_the_engine_and_keeps_the_trunk(
     from transformers import AutoModelForCausalLM
 
     # One trainable layer of two learns more slowly than the whole model: more steps on larger
-    # batches. Judged on 384 fresh samples of each policy, not on the log's noisy 32-sample rows:
-    # 16 steps at lr 1e-2 rose 0.30+ on six seeds, yet a CI run's last four rows were only 0.08
-    # above its first four. 24 steps: the sampled reward rose 0.575-0.634 on six seeds (0.12 ->
-    # 0.71 on average), 16 steps 0.42-0.50 (2026-12-05).
+    # batches. Judged on 384 fresh samples of each policy, not on the log's noisy 32-sample rows
+    # (16 steps at lr 1e-2: a CI run's last four rows were only 0.08 above its first four). On
+    # fresh samples, six seeds each (2026-12-05): 16 steps rose 0.42-0.50, 24 steps 0.575-0.634
+    # (0.12 -> 0.71 on average).
     cfg = run_cfg(tmp_path, tiny_sft, data_dir, batch_size=32, total_episodes=32 * 24,
                   trainable_layers=1, lr=1e-2)  # fmt: skip
     info = run_ppo(cfg, apple_fraction, engine=rollout_engine)

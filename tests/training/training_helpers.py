@@ -79,6 +79,9 @@ def vllm_greedy(engine: Any, prompts: list[list[int]], max_new_tokens: int) -> l
     return [r.response_ids for r in rollouts]
 
 
+GREEDY_TOKENS = 12
+
+
 def vllm_token_logprobs(engine: Any, seqs: list[list[int]]) -> list[list[float]]:
     """The engine's log-probability of each token of each sequence given the tokens before it
     (vLLM's prompt_logprobs; the first token has none). Unlike greedy tokens, these move with
@@ -114,9 +117,6 @@ def scored_sequences(data_dir: Path, tokenizer: Any) -> list[list[int]]:
     """greedy_prompts, each followed by a fixed answer, for the token log-probability checks."""
     answer = tokenizer("apple river apple stone", add_special_tokens=False)["input_ids"]
     return [p + answer for p in greedy_prompts(data_dir, tokenizer)]
-
-
-GREEDY_TOKENS = 12
 
 
 def sampled_reward(
