@@ -102,7 +102,8 @@ class LearningConfig:
             # 32 steps of 32. With the missing-EOS penalty (below) lr 3e-5 and 5e-5 gained more
             # than 2e-5 only by collapsing answers (20 and 12-22 words by step 32); without it,
             # lr 2e-5 gained +11.5 (seed 0) and +9.0 (seed 1), lr 3e-5 +11.5 (seed 0, 34-word
-            # answers) and +16.5 (seed 1, 43 words) at step 32 (Xeon, 2026-12-05, README).
+            # answers) and +16.5 (seed 1, 43 words) at step 32 (Xeon, 2026-12-05,
+            # benchmarks/HISTORY.md).
             # Clip fraction and approx. KL per update stay small (< 1%, ~0.001).
             "total_episodes": 1024,
             "batch_size": 32,

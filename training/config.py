@@ -253,7 +253,7 @@ class PPOConfig(StageConfig):
     so length runaway does not pay (TRL recommends it); 0 = off. It is applied after
     normalize_reward, so 1.0 is one RM standard deviation: where many early rollouts are cut
     (a short max_new_tokens) it can teach the policy to stop early. The learning benchmark
-    runs with 0 (96-token limit; README: 25- vs 43-word answers at step 32)."""
+    runs with 0 (96-token limit; benchmarks/HISTORY.md: 25- vs 43-word answers at step 32)."""
 
     # -- guards
     kl_stop: float | None = 30.0
