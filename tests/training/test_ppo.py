@@ -50,6 +50,20 @@ def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
     return out
 
 
+def word_score(prompts: list[str], responses: list[str]) -> list[float]:
+    """A reward that tells the tiny SFT's answers apart: the position in WORDS of the first
+    word (0 to 1), -1 for anything else. For tests that need the FIRST update to move the actor:
+    under apple_fraction a batch of 16 without any "apple" (about 1 in 8 with the SFT's 1-in-8
+    apples) scores all 0, and with no KL yet and the critic's zero value head every advantage
+    is 0, so that update changes nothing (the KL-stop test once stopped a step late)."""
+    out = []
+    for r in responses:
+        words = r.split()
+        first = words[0] if words else ""
+        out.append(WORDS.index(first) / (len(WORDS) - 1) if first in WORDS else -1.0)
+    return out
+
+
 # -- rewards: hand numbers ----------------------------------------------------------------------
 
 
@@ -331,7 +345,7 @@ def test_rollout_engine_generates_with_the_current_actor(
     SFT model's: the rollouts come from the current policy, not a stale one."""
     from transformers import AutoModelForCausalLM
 
-    info = run_ppo(run_cfg(tmp_path, tiny_sft, data_dir, lr=2e-2), apple_fraction,
+    info = run_ppo(run_cfg(tmp_path, tiny_sft, data_dir, lr=2e-2), word_score,
                    engine=rollout_engine)  # fmt: skip
     prompts = greedy_prompts(data_dir, tiny_tokenizer)
     actor = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
@@ -416,7 +430,7 @@ def test_kl_blow_up_stops_the_run(
 ) -> None:
     # The first rollout is on-reference (KL 0); after one big update the KL passes the bar.
     cfg = run_cfg(tmp_path, tiny_sft, data_dir, lr=5e-2, kl_stop=1e-3, total_episodes=16 * 3)
-    info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
+    info = run_ppo(cfg, word_score, engine=rollout_engine)
     stop = info.manifest["early_stop"]
     assert stop is not None and stop["reason"] == "kl" and stop["step"] == 2, (stop, log_rows(info))
     assert stop["kl_k3"] > 1e-3
@@ -432,7 +446,7 @@ def test_ema_weights_are_saved_while_rollouts_use_the_live_policy(
     from transformers import AutoModelForCausalLM
 
     cfg = run_cfg(tmp_path, tiny_sft, data_dir, lr=5e-2, total_episodes=16, ema_decay=1 - 1e-6)
-    info = run_ppo(cfg, apple_fraction, engine=rollout_engine)
+    info = run_ppo(cfg, word_score, engine=rollout_engine)
     saved = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32)
     sft = AutoModelForCausalLM.from_pretrained(tiny_sft.path, dtype=torch.float32)
     for (name, a), (_, b) in zip(saved.named_parameters(), sft.named_parameters(), strict=True):
