@@ -357,3 +357,32 @@ def wait_for(pred: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
             return value
         time.sleep(poll)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def cycle_story(work_dir: Path) -> str:
+    """What a finished cycle's steps reported, in a few lines (for a failure message): the reward
+    model's held-out accuracy, PPO's per-step score and KL and any early stop, and the gate's
+    figures. A weak result says here which stage it came from."""
+    import json
+
+    lines = []
+    for cyc in sorted(work_dir.glob("cyc-*")):
+        for step in ("reward_model", "ppo", "evaluate"):
+            for res in sorted(cyc.glob(f"{step}/attempt-*/result.json")):
+                m = json.loads(res.read_text()).get("result", {}).get("metrics", {})
+                keep = {k: round(v, 3) for k, v in m.items() if isinstance(v, float)
+                        and k in ("val_accuracy", "val_pairs", "reference_std", "steps",
+                                  "first_reward", "final_reward", "win_rate_rm")}  # fmt: skip
+                lines.append(f"{cyc.name} {step} {res.parent.name}: {keep}")
+        for log in sorted(cyc.glob("ppo/attempt-*/model.metrics.jsonl")):
+            rows = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+            lines.append(
+                "  ppo per step (score, kl_k3, response_length): "
+                + " ".join(
+                    f"{r.get('step')}:({r.get('score', 0):.2f},{r.get('kl_k3', 0):.2f},"
+                    f"{r.get('response_length', 0):.1f})"
+                    for r in rows
+                )
+                + "".join(f" early_stop={r['early_stop']}" for r in rows if "early_stop" in r)
+            )
+    return "\n".join(lines) or f"no cycle under {work_dir}"

@@ -27,7 +27,14 @@ from typing import Any
 
 import grpc
 import pytest
-from loop_helpers import ANSWER_SET, REPO, build_tiny_answerer, loop_env, metric_value
+from loop_helpers import (
+    ANSWER_SET,
+    REPO,
+    build_tiny_answerer,
+    cycle_story,
+    loop_env,
+    metric_value,
+)
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import (
@@ -112,7 +119,14 @@ def win_rate(new: list[str], old: list[str]) -> float:
 def cycle_config(work: Path) -> dict[str, Any]:
     """Real stages sized for the tiny policy (learning rates to match its size); the gate
     passes any candidate, because this test measures the improvement itself, through the
-    service."""
+    service.
+
+    γ_ptx is 0.1, not the 1.0 it was: the ptx corpus here is the users' prompts ("Tell me
+    about X."), text the tiny answerer never learned to write (LM loss 7 nats at the start,
+    against a policy loss of a few hundredths), so at 1.0 its gradient outweighed PPO's and
+    pulled the policy toward writing prompts: per-sequence KL spikes of 13 and 36 nats in 2 of
+    8 seeds (one stopped the run by kl_stop), and a CI run whose candidate had barely learned
+    (win rate 0.59). At 0.1 three seeds, the spiking one included, stayed under 4.1 nats."""
     return {
         "work_dir": str(work),
         "min_feedback": 8,
@@ -121,7 +135,7 @@ def cycle_config(work: Path) -> dict[str, Any]:
         "ppo": {
             "total_episodes": 128, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
             "lr": 3e-3, "critic_lr": 3e-3, "warmup_steps": 0, "max_new_tokens": MAX_TOKENS,
-            "max_prompt_length": 96, "gamma_ptx": 1.0, "ptx_batch_size": 2,
+            "max_prompt_length": 96, "gamma_ptx": 0.1, "ptx_batch_size": 2,
             "ptx_max_length": 32, "device": "cpu", "seed": 0,
         },
         "evaluate": {"n_prompts": 4, "max_tokens": 16, "batch_size": 4, "device": "cpu"},
@@ -234,4 +248,4 @@ async def test_feedback_improves_the_served_policy_under_load(
         for name, d in (("before", before), ("after", after))
     }
     print(f"\nheld-out win rate of {live.version} over {v1}: {rate:.3f}; words {mean_words}")
-    assert rate > 0.6, (rate, mean_words)
+    assert rate > 0.6, (rate, mean_words, cycle_story(tmp_path / "cycles"))
