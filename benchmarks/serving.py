@@ -6,8 +6,12 @@ servers are started, then each level runs on one and then the other, alternating
 `--reps` repetitions (only one is ever under load: they would share the two cores).
 
 Measured per server and concurrency: output tokens per second (all output tokens / wall time),
-time to first token p50/p99, end-to-end latency p50/p99. instructloop logs every completion to
-a durable Redis (AOF, appendfsync always) before it answers, as it does in production.
+time to first token p50/p99, end-to-end latency p50/p99, and the CPU time each server's processes
+used during the level: the API process (HTTP or gRPC, the engine client, detokenization), the
+engine core (its children) and, for instructloop, its Redis, in CPU milliseconds per output token:
+on a small machine the API layer and the engine share the cores, so an API layer that costs more
+CPU per token leaves less for the engine. instructloop logs every completion to a durable Redis
+(AOF, appendfsync always) before it answers, as it does in production.
 
     python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 8 32 96]
 """
@@ -78,10 +82,43 @@ class LevelResult:
     ttft_p99_s: float
     e2e_p50_s: float
     e2e_p99_s: float
+    api_cpu_s: float = 0.0
+    """CPU seconds (user + system) of the server's main process over the level."""
+    engine_cpu_s: float = 0.0
+    """CPU seconds of its child processes (vLLM's engine core) over the level."""
+    redis_cpu_s: float = 0.0
+    """CPU seconds of the Redis it logs to (instructloop; 0 for vLLM's server)."""
+
+
+class CpuProbe:
+    """CPU seconds used so far by a server: its main process, its descendants, and any other
+    processes named (its Redis). Reads /proc through psutil (vLLM's own dependency)."""
+
+    def __init__(self, pid: int, *extra: int) -> None:
+        self.pid, self.extra = pid, extra
+
+    def read(self) -> tuple[float, float, float]:
+        import psutil
+
+        def busy(p: psutil.Process) -> float:
+            try:
+                t = p.cpu_times()
+                return float(t.user + t.system)
+            except psutil.NoSuchProcess:
+                return 0.0
+
+        main = psutil.Process(self.pid)
+        children = sum(busy(c) for c in main.children(recursive=True))
+        return busy(main), children, sum(busy(psutil.Process(x)) for x in self.extra)
+
+
+def _cpu_ms_per_token(r: LevelResult) -> tuple[float, float, float]:
+    n = max(r.output_tokens, 1)
+    return (1e3 * r.api_cpu_s / n, 1e3 * r.engine_cpu_s / n, 1e3 * r.redis_cpu_s / n)
 
 
 async def _run_level(
-    name: str, one, texts: list[str], concurrency: int, n_requests: int
+    name: str, one, texts: list[str], concurrency: int, n_requests: int, probe: CpuProbe
 ) -> tuple[LevelResult, list[Sample]]:
     queue: asyncio.Queue[str] = asyncio.Queue()
     for i in range(n_requests):
@@ -103,14 +140,24 @@ async def _run_level(
                 if failed == 1:
                     print(f"  {name}: request failed: {e!r}")
 
+    cpu0 = probe.read()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    return _level(name, concurrency, n_requests, failed, wall, samples), samples
+    cpu = [round(b - a, 3) for a, b in zip(cpu0, probe.read(), strict=True)]
+    return _level(name, concurrency, n_requests, failed, wall, samples, *cpu), samples
 
 
 def _level(
-    name: str, c: int, requests: int, failed: int, wall: float, samples: list[Sample]
+    name: str,
+    c: int,
+    requests: int,
+    failed: int,
+    wall: float,
+    samples: list[Sample],
+    api_cpu_s: float = 0.0,
+    engine_cpu_s: float = 0.0,
+    redis_cpu_s: float = 0.0,
 ) -> LevelResult:
     tokens = sum(s.output_tokens for s in samples)
     ttft = [s.ttft_s for s in samples]
@@ -127,6 +174,9 @@ def _level(
         ttft_p99_s=round(percentile(ttft, 99), 4),
         e2e_p50_s=round(percentile(e2e, 50), 4),
         e2e_p99_s=round(percentile(e2e, 99), 4),
+        api_cpu_s=round(api_cpu_s, 3),
+        engine_cpu_s=round(engine_cpu_s, 3),
+        redis_cpu_s=round(redis_cpu_s, 3),
     )
 
 
@@ -286,12 +336,19 @@ def grpc_client(port: int):
 
 
 async def bench_interleaved(
-    clients: dict[str, tuple], texts: list[str], levels: list[int], per_level: list[int], reps: int
+    clients: dict[str, tuple],
+    texts: list[str],
+    levels: list[int],
+    per_level: list[int],
+    reps: int,
+    per_request: dict[str, list[list[float]]] | None = None,
 ) -> list[LevelResult]:
     """Both servers are up; each level runs `reps` times per server, alternating which goes
     first, so drift in a shared machine's speed hits both alike. A level's figures pool its
-    reps: throughput = all tokens / all wall time, percentiles over all requests."""
-    for one, _close in clients.values():
+    reps: throughput = all tokens / all wall time, percentiles over all requests, CPU summed.
+    `per_request` collects every request's [TTFT, E2E, output tokens] in completion order, per
+    "server c=N rep R" (to see where a percentile's outlier sits)."""
+    for one, _close, _probe in clients.values():
         await one(texts[0])  # warm-up: first-request costs are not part of the comparison
     results = []
     for c, n in zip(levels, per_level, strict=True):
@@ -300,11 +357,18 @@ async def bench_interleaved(
         for rep in range(reps):
             order = list(clients) if rep % 2 == 0 else list(reversed(clients))
             for name in order:
-                r, ss = await _run_level(name, clients[name][0], texts, c, n)
+                one, _close, probe = clients[name]
+                r, ss = await _run_level(name, one, texts, c, n, probe)
                 runs[name].append(r)
                 samples[name] += ss
+                if per_request is not None:
+                    per_request[f"{name} c={c} rep {rep}"] = [
+                        [round(x.ttft_s, 4), round(x.e2e_s, 4), x.output_tokens] for x in ss
+                    ]
+                api, eng, red = _cpu_ms_per_token(r)
                 print(f"  {name:12s} c={c:<3d} rep {rep}: {r.output_tok_per_s:8.1f} tok/s  "
                       f"TTFT p50 {r.ttft_p50_s:.3f}s  E2E p50 {r.e2e_p50_s:.2f}s  "
+                      f"CPU ms/token api {api:.2f} engine {eng:.2f} redis {red:.2f}  "
                       f"failed {r.failed}")  # fmt: skip
         for name in clients:
             results.append(_pool(name, c, runs[name], samples[name]))
@@ -315,7 +379,15 @@ def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> 
     """One level's reps as one: all tokens over all wall time, percentiles over all requests."""
     wall = sum(r.wall_s for r in runs)
     return _level(
-        name, c, sum(r.requests for r in runs), sum(r.failed for r in runs), wall, samples
+        name,
+        c,
+        sum(r.requests for r in runs),
+        sum(r.failed for r in runs),
+        wall,
+        samples,
+        sum(r.api_cpu_s for r in runs),
+        sum(r.engine_cpu_s for r in runs),
+        sum(r.redis_cpu_s for r in runs),
     )
 
 
@@ -325,13 +397,15 @@ def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
         f"{meta['model']}, {MAX_TOKENS} output tokens, greedy, streaming.",
         "",
         "| server | concurrency | output tok/s | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) "
-        "| E2E p99 (s) | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| E2E p99 (s) | failed | CPU ms/token: API | engine | Redis |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        api, eng, red = _cpu_ms_per_token(r)
         lines.append(
             f"| {r.server} | {r.concurrency} | {r.output_tok_per_s:.1f} | {r.ttft_p50_s:.3f} | "
-            f"{r.ttft_p99_s:.3f} | {r.e2e_p50_s:.2f} | {r.e2e_p99_s:.2f} | {r.failed} |"
+            f"{r.ttft_p99_s:.3f} | {r.e2e_p50_s:.2f} | {r.e2e_p99_s:.2f} | {r.failed} "
+            f"| {api:.2f} | {eng:.2f} | {red:.2f} |"
         )
     lines.append("")
     lines.append(
@@ -381,24 +455,30 @@ def main() -> None:
                 proc = start_vllm(model_dir, port, logs / "serving-vllm.log")
                 procs.append(proc)
                 wait_http(f"http://127.0.0.1:{port}/health", proc)
-                clients[name] = vllm_client(port)
+                clients[name] = (*vllm_client(port), CpuProbe(proc.proc.pid))
             else:
                 proc = start_instructloop(
                     model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
                 )
                 procs.append(proc)
                 wait_grpc(port, proc)
-                clients[name] = grpc_client(port)
+                clients[name] = (*grpc_client(port), CpuProbe(proc.proc.pid, redis.proc.pid))
 
         async def go() -> list[LevelResult]:
             try:
                 return await bench_interleaved(
-                    clients, texts, args.concurrency, args.requests_per_level, args.reps
+                    clients,
+                    texts,
+                    args.concurrency,
+                    args.requests_per_level,
+                    args.reps,
+                    per_request,
                 )
             finally:
-                for _one, close in clients.values():
+                for _one, close, _probe in clients.values():
                     await close()
 
+        per_request: dict[str, list[list[float]]] = {}
         results = asyncio.run(go())
     finally:
         for proc in procs:
@@ -407,7 +487,11 @@ def main() -> None:
 
     meta = {**machine(), "model": model_dir.name, "max_tokens": MAX_TOKENS}
     md = markdown(results, meta)
-    out = write_results(args.name, {"meta": meta, "results": [asdict(r) for r in results]}, md)
+    out = write_results(
+        args.name,
+        {"meta": meta, "results": [asdict(r) for r in results], "per_request": per_request},
+        md,
+    )
     print(md)
     print(f"written: {out}")
 
