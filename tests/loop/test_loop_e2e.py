@@ -121,20 +121,30 @@ def cycle_config(work: Path) -> dict[str, Any]:
     passes any candidate, because this test measures the improvement itself, through the
     service.
 
-    γ_ptx is 0.1, not the 1.0 it was: the ptx corpus here is the users' prompts ("Tell me
-    about X."), text the tiny answerer never learned to write (LM loss 7 nats at the start,
-    against a policy loss of a few hundredths), so at 1.0 its gradient outweighed PPO's and
-    pulled the policy toward writing prompts: per-sequence KL spikes of 13 and 36 nats in 2 of
-    8 seeds (one stopped the run by kl_stop), and a CI run whose candidate had barely learned
-    (win rate 0.59). At 0.1 three seeds, the spiking one included, stayed under 4.1 nats."""
+    Three settings differ from the defaults' spirit, each for a failure seen in seed sweeps
+    (RM and PPO seeds 0-6, the PPO per-step log printed by `cycle_story`):
+    - γ_ptx 0.1, not 1.0: the ptx corpus here is the users' prompts ("Tell me about X."), text
+      the tiny answerer never learned to write (LM loss 7 nats at the start, against a policy
+      loss of a few hundredths); at 1.0 its gradient pulled the policy toward writing prompts,
+      with per-sequence KL spikes of 13 and 36 nats (one stopped the run by kl_stop).
+    - β (kl_coef) 0.5, not the paper's 0.02: this reference is near-deterministic after the first
+      token and the small RM's scores, divided by their tiny spread on the reference (0.006-0.09),
+      reach the ±5 clip, so at 0.02 the KL cost nothing: two seeds found a response outside
+      the four answers that the RM scores +2 to +3 and held it 6-12 nats from the reference
+      (answers 1.73 words, win rate 0.609, just over the bar; a CI run's candidate, 3.52 words
+      and 0.586, was not logged). At 0.5 that costs more than it pays; the honest move (a
+      1-word answer, about 1.4 nats) still pays.
+    - 24 steps at lr 1e-3, not 8 at 3e-3: fewer KL spikes, and room to recover from one.
+    """
     return {
         "work_dir": str(work),
         "min_feedback": 8,
         "reward_model": {"epochs": 4, "lr": 1e-3, "batch_size": 8, "max_length": 96,
                          "device": "cpu"},
         "ppo": {
-            "total_episodes": 128, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
-            "lr": 3e-3, "critic_lr": 3e-3, "warmup_steps": 0, "max_new_tokens": MAX_TOKENS,
+            "total_episodes": 384, "batch_size": 16, "minibatch_size": 8, "ppo_epochs": 2,
+            "lr": 1e-3, "critic_lr": 3e-3, "kl_coef": 0.5, "warmup_steps": 0,
+            "max_new_tokens": MAX_TOKENS,
             "max_prompt_length": 96, "gamma_ptx": 0.1, "ptx_batch_size": 2,
             "ptx_max_length": 32, "device": "cpu", "seed": 0,
         },
