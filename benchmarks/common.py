@@ -12,7 +12,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +101,26 @@ class Proc:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def cpu_seconds(pid: int, part: Literal["all", "self", "children"] = "all") -> float:
+    """User + system CPU seconds used so far by a process ("self"), by its descendants
+    ("children": a server's vLLM engine core) or by both ("all"). Descendants that exit while
+    being read count 0. Reads /proc through psutil (a dependency of vLLM)."""
+    import psutil
+
+    proc = psutil.Process(pid)
+    procs = [] if part == "children" else [proc]
+    if part != "self":
+        procs += proc.children(recursive=True)
+    total = 0.0
+    for p in procs:
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        total += t.user + t.system
+    return total
 
 
 def python() -> str:

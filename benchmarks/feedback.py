@@ -17,7 +17,14 @@ import random
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, fresh_redis, machine, percentile, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    cpu_seconds,
+    fresh_redis,
+    machine,
+    percentile,
+    write_results,
+)
 from benchmarks.serving import API_KEY, start_instructloop, wait_grpc
 
 TARGET_RPS = 2000
@@ -94,24 +101,13 @@ async def load(port: int, completions, concurrency: int, seconds: float, users: 
     return latencies, errors, wall
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
-    """User + system CPU seconds so far of each process, with its children (the server's vLLM
-    engine core is one) except for this process, whose children are the server and Redis."""
-    import psutil
-
-    out: dict[str, float] = {}
-    for name, pid in pids.items():
-        total = 0.0
-        proc = psutil.Process(pid)
-        kids = proc.children(recursive=True) if pid != os.getpid() else []
-        for p in [proc, *kids]:
-            try:
-                t = p.cpu_times()
-            except psutil.Error:
-                continue
-            total += t.user + t.system
-        out[name] = total
-    return out
+def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of each process, with its children (the server's vLLM engine core is
+    one) except for this process, whose children are the server and Redis."""
+    return {
+        name: cpu_seconds(pid, "self" if pid == os.getpid() else "all")
+        for name, pid in pids.items()
+    }
 
 
 def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict:
@@ -136,7 +132,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict
             # loop (a second asyncio.run), the load generator ran ~10% slower in a side-by-side
             # check (2026-12-04), which this benchmark would have charged to the server.
             completions = await make_completions(port, args.completions)
-            keys, cpu = client.dbsize(), cpu_seconds(pids)
+            keys, cpu = client.dbsize(), cpu_by_process(pids)
             lat, errors, wall = await load(
                 port, completions, args.concurrency, args.seconds, args.users
             )
@@ -144,7 +140,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict
 
         fsync = client.config_get("appendfsync")["appendfsync"]
         keys_before, cpu0, lat, errors, wall = asyncio.run(setup_then_load())
-        cpu1 = cpu_seconds(pids)
+        cpu1 = cpu_by_process(pids)
         keys_after = client.dbsize()
         client.close()
     finally:

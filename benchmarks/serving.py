@@ -29,6 +29,7 @@ from pathlib import Path
 from benchmarks.common import (
     RESULTS_DIR,
     Proc,
+    cpu_seconds,
     fresh_redis,
     machine,
     percentile,
@@ -92,24 +93,17 @@ class LevelResult:
 
 class CpuProbe:
     """CPU seconds used so far by a server: its main process, its descendants, and any other
-    processes named (its Redis). Reads /proc through psutil (vLLM's own dependency)."""
+    processes named (its Redis)."""
 
     def __init__(self, pid: int, *extra: int) -> None:
         self.pid, self.extra = pid, extra
 
     def read(self) -> tuple[float, float, float]:
-        import psutil
-
-        def busy(p: psutil.Process) -> float:
-            try:
-                t = p.cpu_times()
-                return float(t.user + t.system)
-            except psutil.NoSuchProcess:
-                return 0.0
-
-        main = psutil.Process(self.pid)
-        children = sum(busy(c) for c in main.children(recursive=True))
-        return busy(main), children, sum(busy(psutil.Process(x)) for x in self.extra)
+        return (
+            cpu_seconds(self.pid, "self"),
+            cpu_seconds(self.pid, "children"),
+            sum(cpu_seconds(x, "self") for x in self.extra),
+        )
 
 
 def _cpu_ms_per_token(r: LevelResult) -> tuple[float, float, float]:

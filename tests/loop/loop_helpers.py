@@ -361,8 +361,8 @@ def wait_for(pred: Any, timeout: float, what: str, poll: float = 0.5) -> Any:
 
 def cycle_story(work_dir: Path) -> str:
     """What a finished cycle's steps reported, in a few lines (for a failure message): the reward
-    model's held-out accuracy, PPO's per-step score and KL and any early stop, and the gate's
-    figures. A weak result says here which stage it came from."""
+    model's held-out accuracy, PPO's per-step score, KL and response length and any early stop,
+    and the evaluation's RM win rate. A weak result says here which stage it came from."""
     import json
 
     lines = []
