@@ -4,8 +4,9 @@ Every write is ONE Lua script, sent as EVALSHA (one round trip), so Redis runs i
 a record is either wholly there (with its indexes, its stream entry and its counters) or not at
 all. A write returns only after Redis has answered; with `appendonly yes` and
 `appendfsync always` (as `instructloop up` runs it) that answer comes after the fsync.
-Writes issued at the same moment by concurrent callers share one pipeline (one socket write and
-read, one fsync): each is still its own script, this only saves system calls.
+Writes go out on a connection of their own (feedback/write_channel.py): writes issued at the
+same moment by concurrent callers share one pipelined batch (one socket write and read, one
+fsync); each is still its own script. Reads use redis-py's connection pool.
 
 Order of checks in a feedback write (the first failing one answers, nothing is stored):
 1. the shape of the request (in Python): InvalidFeedback;
@@ -20,9 +21,9 @@ Order of checks in a feedback write (the first failing one answers, nothing is s
 Retries: a connection error is retried (config.retries) with the SAME feedback id, and the
 script recognises its own earlier write by that id, so a retried write is never stored twice and
 is acknowledged as new (duplicate=False). Connection errors that outlast the retries, timeouts
-and other Redis failures raise StoreUnavailable: the caller was not acknowledged. Broken pooled
-connections are dropped and reopened by redis-py on the next use, so the store works again as
-soon as Redis is back.
+and other Redis failures raise StoreUnavailable: the caller was not acknowledged. A broken
+connection is dropped and a new one opened on the next write (and by redis-py for reads), so the
+store works again as soon as Redis is back.
 
 Key layout: feedback/keys.py. The scripts use keys they derive from stored ids (response ->
 completion), so the store needs a single Redis (not Redis Cluster).
@@ -30,8 +31,6 @@ completion), so the store needs a single Redis (not Redis Cluster).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import itertools
 import json
@@ -45,7 +44,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from feedback.config import StoreConfig
@@ -59,6 +58,7 @@ from feedback.errors import (
 )
 from feedback.keys import Keys
 from feedback.records import RATING_SCALES, CompletionRecord, FeedbackRecord
+from feedback.write_channel import Endpoint, ScriptChannel
 
 # KEYS: 1 completion hash, 2 completion stream, 3 stats, 4.. response index keys
 # ARGV: 1 completion id, 2 record JSON, 3 ttl (0 = none), 4 stream maxlen (0 = none),
@@ -247,101 +247,6 @@ def normalize_ranks(ranks: Sequence[int] | None, n: int) -> list[int]:
     return out
 
 
-class _ScriptBatcher:
-    """Sends the script calls that callers issue at the same moment as ONE pipeline.
-
-    Each call is still its own EVALSHA (its own atomic script); batching only shares the
-    socket write, the read and, under `appendfsync always`, Redis's fsync (group commit).
-    A lone call goes out at once, so batching adds no waiting. `writers` pipelines may be in
-    flight together; calls that arrive meanwhile form the next batch.
-    """
-
-    def __init__(self, client: aioredis.Redis, *, max_batch: int, writers: int) -> None:
-        self.client = client
-        self.max_batch = max_batch
-        self.writers = writers
-        self._pending: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
-        self._wake: asyncio.Event | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-
-    def call(self, sha: str, script: str, *args: Any) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        if (
-            self._wake is None
-            or not self._tasks
-            or self._tasks[0].get_loop() is not loop
-            or all(t.done() for t in self._tasks)
-        ):
-            self._start(loop)
-        assert self._wake is not None
-        fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(((sha, script, *args), fut))
-        self._wake.set()
-        return fut
-
-    def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._wake = asyncio.Event()
-        self._tasks = [loop.create_task(self._writer()) for _ in range(self.writers)]
-
-    async def close(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, RuntimeError):
-                await t
-        for _, fut in self._pending:
-            if not fut.done():
-                fut.set_exception(StoreUnavailable("the feedback store was closed"))
-        self._pending.clear()
-
-    async def _writer(self) -> None:
-        assert self._wake is not None
-        while True:
-            while not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-            batch = self._pending[: self.max_batch]
-            del self._pending[: self.max_batch]
-            try:
-                results = await self._execute([cmd for cmd, _ in batch])
-            except asyncio.CancelledError:
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(StoreUnavailable("the feedback store was closed"))
-                raise
-            except Exception as e:  # every caller of the batch gets the failure
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-                continue
-            for (_, fut), res in zip(batch, results, strict=True):
-                if fut.done():  # the caller gave up (cancelled); the write may still stand
-                    continue
-                if isinstance(res, Exception):
-                    fut.set_exception(res)
-                else:
-                    fut.set_result(res)
-
-    async def _execute(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        results = await self._pipeline(cmds)
-        # Redis forgets scripts on restart: load them and run the calls that missed again.
-        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-        if missing:
-            for script in {cmds[i][1] for i in missing}:
-                await self.client.script_load(script)
-            again = await self._pipeline([cmds[i] for i in missing])
-            for i, r in zip(missing, again, strict=True):
-                results[i] = r
-        return results
-
-    async def _pipeline(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        for sha, _script, *args in cmds:
-            pipe.execute_command("EVALSHA", sha, *args)
-        return await pipe.execute(raise_on_error=False)
-
-
 class FeedbackStore:
     """Completion log and feedback records in Redis, for the gRPC server (asyncio)."""
 
@@ -360,8 +265,14 @@ class FeedbackStore:
         )
         self._fb_log = self.keys.feedback_log
         self._stats = self.keys.stats
-        self._batcher = _ScriptBatcher(
-            client, max_batch=cfg.write_batch_max, writers=cfg.write_pipelines
+        self._writes = ScriptChannel(
+            Endpoint.from_pool(client.connection_pool),
+            max_batch=cfg.write_batch_max,
+            in_flight=cfg.write_pipelines,
+            timeout_s=cfg.socket_timeout_s,
+            connect_timeout_s=cfg.socket_connect_timeout_s,
+            retries=cfg.retries,
+            backoff=ExponentialBackoff(cap=cfg.retry_backoff_cap_s, base=0.01),
         )
 
     @classmethod
@@ -381,7 +292,7 @@ class FeedbackStore:
         return cls(aioredis.Redis(connection_pool=pool), config)
 
     async def close(self) -> None:
-        await self._batcher.close()
+        await self._writes.close()
         await self.client.aclose(close_connection_pool=True)
 
     async def ping(self) -> bool:
@@ -402,7 +313,7 @@ class FeedbackStore:
     async def _run(self, sha: str, script: str, *numkeys_keys_args: Any) -> Any:
         """Run a script (EVALSHA, batched with concurrent writes); map failures to our errors."""
         try:
-            return await self._batcher.call(sha, script, *numkeys_keys_args)
+            return await self._writes.call(sha, script, *numkeys_keys_args)
         except _UNAVAILABLE_ERRORS as e:
             raise StoreUnavailable(f"Redis is unavailable: {e}; nothing was stored") from e
         except RedisError as e:

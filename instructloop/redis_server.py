@@ -54,11 +54,15 @@ class RedisProcess:
     dir: Path
     port: int = 0
     appendfsync: str = "always"
+    password: str | None = None
+    extra_args: tuple[str, ...] = ()
+    """More redis-server arguments (tests: `--unixsocket PATH`, ...)."""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> RedisProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +77,8 @@ class RedisProcess:
             "--appendfsync", self.appendfsync,
             "--save", "",
             "--logfile", str(self.dir / "redis.log"),
+            *(["--requirepass", self.password] if self.password else []),
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout

@@ -824,7 +824,10 @@ class InstructloopServer:
             store_cfg.rate_limit_per_minute = config.feedback_rate_limit_per_minute
         if config.completion_ttl_s is not None:
             store_cfg.completion_ttl_s = config.completion_ttl_s
-        self.store = FeedbackStore.from_url(config.redis_url, store_cfg)
+        try:
+            self.store = FeedbackStore.from_url(config.redis_url, store_cfg)
+        except ValueError as e:  # a URL the store cannot use (e.g. rediss://)
+            raise ConfigError(f"--redis-url {config.redis_url}: {e}") from e
         self.registry = AsyncModelRegistry(config.redis_url, prefix=config.key_prefix)
         self._own_engine = engine is None
         self.engine: Engine = engine  # type: ignore[assignment]  # set in start()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import uvloop
 from fb_helpers import ids, make_completion
 
 from feedback.config import StoreConfig
@@ -26,7 +27,14 @@ async def _wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ig
         await asyncio.sleep(0.01)
 
 
-async def test_sigkill_restart_during_feedback_stream(tmp_path: Path) -> None:
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_sigkill_restart_during_feedback_stream(tmp_path: Path, loop: str) -> None:
+    """On uvloop (what the server runs on) and on asyncio."""
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    run(_sigkill_restart_during_feedback_stream(tmp_path))
+
+
+async def _sigkill_restart_during_feedback_stream(tmp_path: Path) -> None:
     proc = RedisProcess(dir=tmp_path / "redis", appendfsync="always").start()
     port = proc.port
     url = proc.url
