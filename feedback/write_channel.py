@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
-"""(sha, script, numkeys, *keys_and_args): an EVALSHA call with its script (for NOSCRIPT)."""
+"""A command as sent: ("EVALSHA", sha, numkeys, *keys_and_args), ("AUTH", ...), ..."""
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,8 @@ class Endpoint:
     def handshake(self) -> list[Command]:
         cmds: list[Command] = []
         if self.password is not None:
-            cmds.append(("AUTH", self.username, self.password) if self.username else
-                        ("AUTH", self.password))  # fmt: skip
+            user = (self.username,) if self.username else ()
+            cmds.append(("AUTH", *user, self.password))
         if self.db:
             cmds.append(("SELECT", self.db))
         return cmds
@@ -164,8 +164,9 @@ class ScriptChannel:
         self._tasks: list[asyncio.Task[None]] = []
         self._conn: _Resp | None = None
         self._connecting: asyncio.Lock | None = None
+        self._scripts: dict[str, str] = {}
+        """sha -> script, to load the scripts Redis does not know (NOSCRIPT)."""
         self.batches_sent = 0
-        self.calls_sent = 0
 
     # -- callers ------------------------------------------------------------------------------
 
@@ -176,7 +177,8 @@ class ScriptChannel:
             self._start(loop)
         assert self._wake is not None
         fut: asyncio.Future[Any] = loop.create_future()
-        self._pending.append(((sha, script, *args), fut))
+        self._scripts[sha] = script
+        self._pending.append((("EVALSHA", sha, *args), fut))
         self._wake.set()
         return fut
 
@@ -237,8 +239,8 @@ class ScriptChannel:
         # Redis forgets scripts on restart: load them and run the calls that missed again.
         missing = [i for i, r in enumerate(results) if _is_noscript(r)]
         if missing:
-            scripts = list({cmds[i][1] for i in missing})
-            loaded = await self._send_retrying([("SCRIPT", "LOAD", s) for s in scripts], raw=True)
+            shas = {cmds[i][1] for i in missing}
+            loaded = await self._send_retrying([("SCRIPT", "LOAD", self._scripts[h]) for h in shas])
             for r in loaded:
                 if isinstance(r, Exception):
                     raise r
@@ -247,12 +249,11 @@ class ScriptChannel:
                 results[i] = r
         return results
 
-    async def _send_retrying(self, cmds: list[Command], *, raw: bool = False) -> list[Any]:
-        wire = cmds if raw else [("EVALSHA", c[0], *c[2:]) for c in cmds]
+    async def _send_retrying(self, cmds: list[Command]) -> list[Any]:
         failures = 0
         while True:
             try:
-                return await self._send(wire)
+                return await self._send(cmds)
             except (RedisConnectionError, RedisTimeoutError):
                 failures += 1
                 if failures > self.retries:
@@ -263,7 +264,6 @@ class ScriptChannel:
         conn = await self._connection()
         done = conn.send(wire)
         self.batches_sent += 1
-        self.calls_sent += len(wire)
         try:
             async with asyncio.timeout(self.timeout_s):
                 return await done

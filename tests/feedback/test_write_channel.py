@@ -74,9 +74,9 @@ def test_concurrent_calls_are_batched_and_each_gets_its_reply(
     assert [r[0] for r in replies] == [f"v{i}" for i in others]  # each caller its own reply
     assert sorted(r[1] for r in replies) == list(range(1, 200))  # each ran exactly once
     assert redis_client.get("k3") == b"v3" and int(redis_client.get("count")) == 199
-    # 200 calls queued at once go out as 2 batches (at most 128 each); the script was unknown
-    # at first, so a SCRIPT LOAD and a resend come on top: 4 round trips, not 200
-    assert ch.batches_sent < 10, ch.batches_sent
+    # 200 calls queued at once go out as 2 batches (at most 128 each); where Redis did not know
+    # the script yet, a SCRIPT LOAD and a resend come on top: 2 or 4 round trips, not 200
+    assert ch.batches_sent in (2, 4), ch.batches_sent
 
 
 @pytest.mark.parametrize("loop", LOOPS)

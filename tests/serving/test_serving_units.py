@@ -9,7 +9,7 @@ import pytest
 from feedback.config import StoreConfig
 from instructloop.v1 import completion_pb2
 from serving.config import ConfigError, ServerConfig
-from serving.server import Authenticator, RpcFailure, check_request
+from serving.server import Authenticator, InstructloopServer, RpcFailure, check_request
 
 
 def test_from_env_reads_keys_and_redis(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -51,6 +51,12 @@ def test_keys_file(tmp_path: Path) -> None:
 def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         ServerConfig().with_(**changes).validate()
+
+
+def test_a_redis_url_the_store_cannot_use_is_a_config_error() -> None:
+    """rediss:// (TLS) is refused before anything starts, naming the flag and the reason."""
+    with pytest.raises(ConfigError, match=r"--redis-url rediss://127\.0\.0\.1:6380/0: .*TLS"):
+        InstructloopServer(ServerConfig(redis_url="rediss://127.0.0.1:6380/0"))
 
 
 @pytest.mark.parametrize(
