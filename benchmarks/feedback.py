@@ -3,9 +3,11 @@
 The server is `instructloop serve` (its vLLM engine running, as in production) on a private
 redis-server with AOF and `appendfsync always`: an RPC is answered only after Redis wrote and
 fsynced the record. The rankings refer to real completions (n=4) produced by the server first.
-Every ranking is distinct (its own idempotency key), so each one is a real write.
+Every ranking is distinct (its own idempotency key), so each one is a real write. The load
+generator shares the two cores with the server: by default it is benchmarks/grpc_load.py, an
+HTTP/2 gRPC client at about half the CPU per call of grpc.aio's client (which gets a row too).
 
-    python -m benchmarks.feedback [--concurrency 64] [--seconds 20]
+    python -m benchmarks.feedback [--concurrency 64] [--seconds 20] [--runs uvloop/lean,...]
 """
 
 from __future__ import annotations
@@ -53,26 +55,82 @@ async def make_completions(port: int, count: int) -> list[tuple[str, list[str]]]
         return list(await asyncio.gather(*(one(i) for i in range(count))))
 
 
-async def load(port: int, completions, concurrency: int, seconds: float, users: int):
+SUBMIT_RANKING = "/instructloop.v1.FeedbackService/SubmitRanking"
+LOAD_GENERATORS = ("lean", "grpc-aio")
+
+
+async def open_submitters(kind: str, port: int, connections: int):
+    """`connections` ways to send one SubmitRanking each (one HTTP/2 connection each, as
+    several app instances would have), and a close function. `lean`: benchmarks/grpc_load.py
+    (~half the CPU per call of grpc.aio's client on the same cores as the server); `grpc-aio`:
+    grpc.aio's own client. Both raise on a non-OK status; the error's status name is returned."""
+    meta = (("authorization", f"Bearer {API_KEY}"),)
+    if kind == "lean":
+        from benchmarks.grpc_load import Connection, GrpcError
+        from instructloop.v1 import feedback_pb2
+
+        conns = [await Connection.open("127.0.0.1", port) for _ in range(connections)]
+        lean_meta = (*meta, ("grpc-timeout", "10S"))
+
+        def lean(conn: Connection):
+            async def submit(req) -> str | None:
+                try:
+                    reply = await conn.unary(SUBMIT_RANKING, req.SerializeToString(), lean_meta)
+                except GrpcError as e:
+                    return e.code_name
+                feedback_pb2.FeedbackAck.FromString(reply)  # what a client would read
+                return None
+
+            return submit
+
+        async def close_lean() -> None:
+            for c in conns:
+                c.close()
+
+        return [lean(c) for c in conns], close_lean
+    if kind != "grpc-aio":
+        raise ValueError(f"load generator {kind!r}: one of {', '.join(LOAD_GENERATORS)}")
     import grpc
 
-    from instructloop.v1 import feedback_pb2, feedback_pb2_grpc
+    from instructloop.v1 import feedback_pb2_grpc
 
-    meta = (("authorization", f"Bearer {API_KEY}"),)
+    # Without a local subchannel pool, channels to one target share one connection.
+    own_connection = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own_connection)
+        for _ in range(connections)
+    ]
+
+    def aio(stub):
+        async def submit(req) -> str | None:
+            try:
+                await stub.SubmitRanking(req, metadata=meta, timeout=10)
+            except grpc.RpcError as e:
+                return e.code().name
+            return None
+
+        return submit
+
+    async def close_aio() -> None:
+        for c in channels:
+            await c.close()
+
+    return [aio(feedback_pb2_grpc.FeedbackServiceStub(c)) for c in channels], close_aio
+
+
+async def load(
+    port: int, completions, concurrency: int, seconds: float, users: int, generator: str
+):
+    from instructloop.v1 import feedback_pb2
+
     latencies: list[float] = []
     errors: dict[str, int] = {}
     rng = random.Random(0)
+    submitters, close = await open_submitters(generator, port, connections=4)
     stop_at = time.perf_counter() + seconds
-    # A few channels, one HTTP/2 connection each, as several app instances would have (without
-    # a local subchannel pool, channels to one target share one connection).
-    own_connection = [("grpc.use_local_subchannel_pool", 1)]
-    channels = [
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=own_connection) for _ in range(4)
-    ]
-    stubs = [feedback_pb2_grpc.FeedbackServiceStub(c) for c in channels]
 
     async def worker(w: int) -> None:
-        stub = stubs[w % len(stubs)]
+        submit = submitters[w % len(submitters)]
         i = 0
         while time.perf_counter() < stop_at:
             cid, rids = completions[rng.randrange(len(completions))]
@@ -86,18 +144,16 @@ async def load(port: int, completions, concurrency: int, seconds: float, users: 
             )
             i += 1
             t0 = time.perf_counter()
-            try:
-                await stub.SubmitRanking(req, metadata=meta, timeout=10)
+            error = await submit(req)
+            if error is None:
                 latencies.append(time.perf_counter() - t0)
-            except grpc.RpcError as e:
-                key = e.code().name
-                errors[key] = errors.get(key, 0) + 1
+            else:
+                errors[error] = errors.get(error, 0) + 1
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(w) for w in range(concurrency)))
     wall = time.perf_counter() - t0
-    for c in channels:
-        await c.close()
+    await close()
     return latencies, errors, wall
 
 
@@ -110,8 +166,9 @@ def cpu_by_process(pids: dict[str, int]) -> dict[str, float]:
     }
 
 
-def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict:
-    """One server (on `event_loop`) on a fresh Redis: make completions, then the load."""
+def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str, generator: str) -> dict:
+    """One server (on `event_loop`) on a fresh Redis: make completions, then the load from
+    `generator`."""
     import redis as redis_lib
 
     from instructloop.redis_server import free_port
@@ -134,7 +191,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict
             completions = await make_completions(port, args.completions)
             keys, cpu = client.dbsize(), cpu_by_process(pids)
             lat, errors, wall = await load(
-                port, completions, args.concurrency, args.seconds, args.users
+                port, completions, args.concurrency, args.seconds, args.users, generator
             )
             return keys, cpu, lat, errors, wall
 
@@ -151,6 +208,7 @@ def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str) -> dict
     p50, p99 = percentile(lat, 50), percentile(lat, 99)
     return {
         "server_event_loop": event_loop,
+        "load_generator": generator,
         "appendfsync": fsync,
         "seconds": round(wall, 2),
         "acknowledged": ok,
@@ -175,10 +233,12 @@ def main() -> None:
     ap.add_argument("--completions", type=int, default=32)
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument(
-        "--event-loops",
-        default="uvloop,asyncio",
-        help="server event loops to run, one after the other; the first is the result "
-        "(uvloop: what the server's default, auto, picks here; asyncio, for comparison)",
+        "--runs",
+        default="uvloop/lean,uvloop/grpc-aio,asyncio/lean",
+        help="server event loop / load generator pairs to run, one after the other; the "
+        "first is the result (uvloop: what the server's default, auto, picks here; lean: "
+        "benchmarks/grpc_load.py, grpc-aio: grpc.aio's client, which takes ~0.55 of the two "
+        "cores at 2,000 calls/s)",
     )
     ap.add_argument(
         "--name",
@@ -188,7 +248,11 @@ def main() -> None:
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
 
-    runs = [run_once(args, model_dir, loop) for loop in args.event_loops.split(",")]
+    pairs = [tuple(r.split("/")) for r in args.runs.split(",")]
+    for pair in pairs:
+        if len(pair) != 2 or pair[1] not in LOAD_GENERATORS:
+            ap.error(f"--runs: {'/'.join(pair)!r} is not LOOP/GENERATOR ({LOAD_GENERATORS})")
+    runs = [run_once(args, model_dir, loop, gen) for loop, gen in pairs]
     first = runs[0]
     meta = {**machine(), "model": model_dir.name, "appendfsync": first["appendfsync"]}
     payload = {
@@ -203,15 +267,17 @@ def main() -> None:
         f"SubmitRanking (K=4) over gRPC at concurrency {args.concurrency}, Redis "
         f"appendfsync={first['appendfsync']}, server and load generator on the same machine. "
         "The first row is the result; the others are the same run with another server "
-        "event loop.\n\n"
-        "| server event loop | acknowledged | errors | RPC/s | p50 (ms) | p99 (ms) | "
-        "CPU cores: server / redis / load | target |\n"
-        "|---|---:|---|---:|---:|---:|---|---|\n"
+        "event loop or load generator (lean: benchmarks/grpc_load.py, an HTTP/2 client of "
+        "its own; grpc-aio: grpc.aio's client).\n\n"
+        "| server event loop | load generator | acknowledged | errors | RPC/s | p50 (ms) | "
+        "p99 (ms) | CPU cores: server / redis / load | target |\n"
+        "|---|---|---:|---|---:|---:|---:|---|---|\n"
     )
     for r in runs:
         cpu = r["cpu_cores_used"]
         md += (
-            f"| {r['server_event_loop']} | {r['acknowledged']} | {r['errors'] or 'none'} | "
+            f"| {r['server_event_loop']} | {r['load_generator']} | {r['acknowledged']} | "
+            f"{r['errors'] or 'none'} | "
             f"{r['rps']:.0f} | {r['p50_s'] * 1e3:.1f} | {r['p99_s'] * 1e3:.1f} | "
             f"{cpu['server']:.2f} / {cpu['redis']:.2f} / {cpu['load_generator']:.2f} | "
             f">= {TARGET_RPS}/s, p99 < {TARGET_P99_S * 1e3:.0f} ms: "

@@ -58,7 +58,14 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        # Reconnect at least every second, not with gRPC's default backoff (up to 120 s), which
+        # saw SERVING ~30 s after the server was up.
+        fast_reconnect = [
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ]
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast_reconnect) as ch:
             deadline = time.monotonic() + 600
             while True:
                 assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]

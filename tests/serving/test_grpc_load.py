@@ -1,0 +1,135 @@
+"""benchmarks/grpc_load.py, the feedback benchmark's own HTTP/2 gRPC client, against the real
+server: what it reports (acks, status codes, messages) must be what grpc.aio's client reports
+for the same calls, or the benchmark would count something other than acknowledged feedback."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import redis
+from serving_helpers import chat, stubs
+
+from benchmarks.grpc_load import Connection, GrpcError
+from feedback.keys import Keys
+from instructloop.v1 import completion_pb2, feedback_pb2
+from serving.testing import Served
+
+pytestmark = pytest.mark.engine
+
+SUBMIT_RANKING = "/instructloop.v1.FeedbackService/SubmitRanking"
+
+
+async def _completion(
+    served: Served, channel: grpc.aio.Channel
+) -> completion_pb2.CompletionResponse:
+    return await stubs(channel).completion.Complete(
+        chat(("user", "Name a tree."), n=3, max_tokens=4, user_id="lean"), metadata=served.user_md
+    )
+
+
+async def _open(served: Served) -> Connection:
+    host, port = served.address.rsplit(":", 1)
+    return await Connection.open(host, int(port))
+
+
+async def test_an_ack_is_the_ack_grpc_aio_gets(
+    served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
+) -> None:
+    c = await _completion(served, channel)
+    ids = [ch.response_id for ch in c.choices]
+    req = feedback_pb2.SubmitRankingRequest(
+        user_id="lean-user", idempotency_key="lean-1", completion_id=c.completion_id,
+        ranked_response_ids=[ids[2], ids[0], ids[1]],
+    )  # fmt: skip
+    conn = await _open(served)
+    try:
+        ack = feedback_pb2.FeedbackAck.FromString(
+            await conn.unary(SUBMIT_RANKING, req.SerializeToString(), served.user_md)
+        )
+    finally:
+        conn.close()
+    assert ack.feedback_id.startswith("fb-") and not ack.duplicate
+    stored = serving_redis.hgetall(Keys().feedback(ack.feedback_id))
+    assert stored, "the acknowledged ranking is not in Redis"
+    assert c.completion_id in str(stored)
+    # The same judgement again through grpc.aio: the first ack, marked duplicate.
+    again = await stubs(channel).feedback.SubmitRanking(req, metadata=served.user_md)
+    assert again.feedback_id == ack.feedback_id and again.duplicate
+
+
+async def test_errors_are_the_status_grpc_aio_gets(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    c = await _completion(served, channel)
+    a, b, _ = (ch.response_id for ch in c.choices)
+    ranking = feedback_pb2.SubmitRankingRequest
+    cases = [
+        # (what, method, request, metadata)
+        ("no key", SUBMIT_RANKING,
+         ranking(user_id="u", completion_id=c.completion_id, ranked_response_ids=[a, b]), ()),
+        ("duplicate ids", SUBMIT_RANKING,
+         ranking(user_id="u", completion_id=c.completion_id, ranked_response_ids=[a, a]),
+         served.user_md),
+        ("unknown completion", SUBMIT_RANKING,
+         ranking(user_id="u", completion_id="cmpl-nope", ranked_response_ids=[a, b]),
+         served.user_md),
+        ("unknown method", "/instructloop.v1.FeedbackService/Nope",
+         ranking(user_id="u"), served.user_md),
+    ]  # fmt: skip
+    conn = await _open(served)
+    try:
+        for what, method, req, md in cases:
+            with pytest.raises(GrpcError) as lean:
+                await conn.unary(method, req.SerializeToString(), md)
+            call = channel.unary_unary(
+                method,
+                request_serializer=lambda m: m.SerializeToString(),
+                response_deserializer=feedback_pb2.FeedbackAck.FromString,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as aio:
+                await call(req, metadata=md)
+            assert lean.value.code == aio.value.code().value[0], what
+            assert lean.value.code_name == aio.value.code().name, what
+            assert lean.value.message == aio.value.details(), what
+            assert lean.value.code != 0
+    finally:
+        conn.close()
+
+
+async def test_many_concurrent_calls_on_one_connection(
+    served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
+) -> None:
+    """600 calls at once on one connection (more bytes than HTTP/2's default window; the
+    server grants 4 MiB, the client's waiting for a window is tested in
+    tests/test_grpc_load_protocol.py): every call gets its own ack, and each is stored."""
+    c = await _completion(served, channel)
+    ids = [ch.response_id for ch in c.choices]
+    reqs = [
+        feedback_pb2.SubmitRankingRequest(
+            user_id=f"lean-{i}", idempotency_key=f"k{i}", completion_id=c.completion_id,
+            ranked_response_ids=ids[i % 3 :] + ids[: i % 3],
+        ).SerializeToString()
+        for i in range(600)
+    ]  # fmt: skip
+    conn = await _open(served)
+    try:
+        replies = await asyncio.gather(
+            *(conn.unary(SUBMIT_RANKING, r, served.user_md) for r in reqs)
+        )
+    finally:
+        conn.close()
+    acks = [feedback_pb2.FeedbackAck.FromString(r) for r in replies]
+    fids = {a.feedback_id for a in acks}
+    assert len(fids) == 600 and not any(a.duplicate for a in acks)
+    assert serving_redis.exists(*(Keys().feedback(f) for f in fids)) == 600
+
+
+async def test_a_closed_connection_fails_its_calls(served: Served) -> None:
+    conn = await _open(served)
+    conn.close()
+    await asyncio.sleep(0.1)
+    with pytest.raises(GrpcError) as e:
+        await conn.unary(SUBMIT_RANKING, b"", served.user_md)
+    assert e.value.code_name == "UNAVAILABLE"
