@@ -5,7 +5,8 @@ redis-server with AOF and `appendfsync always`: an RPC is answered only after Re
 fsynced the record. The rankings refer to real completions (n=4) produced by the server first.
 Every ranking is distinct (its own idempotency key), so each one is a real write. The load
 generator shares the two cores with the server: by default it is benchmarks/grpc_load.py, an
-HTTP/2 gRPC client at about half the CPU per call of grpc.aio's client (which gets a row too).
+HTTP/2 gRPC client at ~150 us of CPU per call where grpc.aio's client (which gets a row too)
+takes ~270 us.
 
     python -m benchmarks.feedback [--concurrency 64] [--seconds 20] [--runs uvloop/lean,...]
 """
@@ -62,8 +63,9 @@ LOAD_GENERATORS = ("lean", "grpc-aio")
 async def open_submitters(kind: str, port: int, connections: int):
     """`connections` ways to send one SubmitRanking each (one HTTP/2 connection each, as
     several app instances would have), and a close function. `lean`: benchmarks/grpc_load.py
-    (~half the CPU per call of grpc.aio's client on the same cores as the server); `grpc-aio`:
-    grpc.aio's own client. Both raise on a non-OK status; the error's status name is returned."""
+    (~150 us of CPU per call on the cores the server uses; grpc.aio's client ~270 us);
+    `grpc-aio`: grpc.aio's own client. A send returns None, or the status name of a failed
+    call."""
     meta = (("authorization", f"Bearer {API_KEY}"),)
     if kind == "lean":
         from benchmarks.grpc_load import Connection, GrpcError

@@ -267,6 +267,8 @@ class Connection(asyncio.Protocol):
                 code = int.from_bytes(payload[:4], "big")
                 stream.future.set_exception(GrpcError(13, f"stream reset (HTTP/2 error {code})"))
         elif kind == GOAWAY:
+            # Every open call fails, even those a graceful server would still finish (ids up to
+            # its last-stream-id): a benchmark counts them as errors rather than wait for them.
             code = int.from_bytes(payload[4:8], "big")
             self._fail_all(GrpcError(14, f"GOAWAY (HTTP/2 error {code}) {payload[8:]!r}"))
 
