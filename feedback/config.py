@@ -73,7 +73,7 @@ class StoreConfig:
     write_batch_max: int = 128
     """Most script calls sent together in one batch (concurrent writes are batched)."""
 
-    write_pipelines: int = 1
+    write_batches_in_flight: int = 1
     """Batches in flight at once on the write connection; writes that arrive meanwhile form the
     next batch. 1 gave the most RPC/s and the lowest p99 in the feedback benchmark (batches of
     about 2 instead of 1.3, so fewer round trips and fsyncs; benchmarks/HISTORY.md)."""
@@ -91,7 +91,7 @@ class StoreConfig:
             raise ValueError("rate_limit_window_s must be positive")
         if self.max_ranking_size < 2:
             raise ValueError("max_ranking_size must be at least 2")
-        if self.write_batch_max < 1 or self.write_pipelines < 1:
-            raise ValueError("write_batch_max and write_pipelines must be >= 1")
+        if self.write_batch_max < 1 or self.write_batches_in_flight < 1:
+            raise ValueError("write_batch_max and write_batches_in_flight must be >= 1")
         if self.retries < 0:
             raise ValueError("retries must be >= 0")

@@ -268,7 +268,7 @@ class FeedbackStore:
         self._writes = ScriptChannel(
             Endpoint.from_pool(client.connection_pool),
             max_batch=cfg.write_batch_max,
-            in_flight=cfg.write_pipelines,
+            in_flight=cfg.write_batches_in_flight,
             timeout_s=cfg.socket_timeout_s,
             connect_timeout_s=cfg.socket_connect_timeout_s,
             retries=cfg.retries,
