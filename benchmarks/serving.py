@@ -272,21 +272,14 @@ def start_instructloop(
     return Proc(cmd, env=env, log=log)
 
 
-FAST_RECONNECT = [
-    ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-
-
 def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from serving.testing import RECONNECT_EVERY_SECOND
+
     deadline = time.monotonic() + timeout
-    # Reconnect at least every second: with gRPC's default backoff (x1.6 per failed attempt, up
-    # to 120 s) a channel made while the engine starts (~40 s) saw SERVING ~30 s late.
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=FAST_RECONNECT) as ch:
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=RECONNECT_EVERY_SECOND) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if not proc.alive():

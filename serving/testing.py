@@ -22,6 +22,15 @@ from serving.server import InstructloopServer
 USER_KEY = "test-user-key"
 ADMIN_KEY = "test-admin-key"
 
+RECONNECT_EVERY_SECOND = [
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+"""Channel options for polling a server that is still starting: with gRPC's default backoff
+(x1.6 per failed attempt, up to 120 s) a channel opened during the engine's start (~40 s) saw
+SERVING ~30 s after the server was up."""
+
 
 def make_test_config(
     model_dir: Path | str | None, redis_url: str, **overrides: object

@@ -16,6 +16,7 @@ from instructloop.v1 import (
     feedback_pb2_grpc,
     model_pb2_grpc,
 )
+from serving.testing import Served
 
 PREFIX = "il:"
 
@@ -38,6 +39,16 @@ def stubs(channel: grpc.aio.Channel) -> Stubs:
 def chat(*pairs: tuple[str, str], **kw: Any) -> completion_pb2.CompletionRequest:
     return completion_pb2.CompletionRequest(
         messages=[completion_pb2.ChatMessage(role=r, content=c) for r, c in pairs], **kw
+    )
+
+
+async def small_completion(
+    served: Served, channel: grpc.aio.Channel, n: int = 3
+) -> completion_pb2.CompletionResponse:
+    """A logged completion with `n` short candidates, for feedback to point at."""
+    return await stubs(channel).completion.Complete(
+        chat(("user", "Name a fruit."), n=n, max_tokens=4, user_id="alice"),
+        metadata=served.user_md,
     )
 
 

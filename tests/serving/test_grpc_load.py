@@ -9,24 +9,16 @@ import asyncio
 import grpc
 import pytest
 import redis
-from serving_helpers import chat, stubs
+from serving_helpers import small_completion, stubs
 
 from benchmarks.grpc_load import Connection, GrpcError
 from feedback.keys import Keys
-from instructloop.v1 import completion_pb2, feedback_pb2
+from instructloop.v1 import feedback_pb2
 from serving.testing import Served
 
 pytestmark = pytest.mark.engine
 
 SUBMIT_RANKING = "/instructloop.v1.FeedbackService/SubmitRanking"
-
-
-async def _completion(
-    served: Served, channel: grpc.aio.Channel
-) -> completion_pb2.CompletionResponse:
-    return await stubs(channel).completion.Complete(
-        chat(("user", "Name a tree."), n=3, max_tokens=4, user_id="lean"), metadata=served.user_md
-    )
 
 
 async def _open(served: Served) -> Connection:
@@ -37,7 +29,7 @@ async def _open(served: Served) -> Connection:
 async def test_an_ack_is_the_ack_grpc_aio_gets(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
 ) -> None:
-    c = await _completion(served, channel)
+    c = await small_completion(served, channel)
     ids = [ch.response_id for ch in c.choices]
     req = feedback_pb2.SubmitRankingRequest(
         user_id="lean-user", idempotency_key="lean-1", completion_id=c.completion_id,
@@ -62,7 +54,7 @@ async def test_an_ack_is_the_ack_grpc_aio_gets(
 async def test_errors_are_the_status_grpc_aio_gets(
     served: Served, channel: grpc.aio.Channel
 ) -> None:
-    c = await _completion(served, channel)
+    c = await small_completion(served, channel)
     a, b, _ = (ch.response_id for ch in c.choices)
     ranking = feedback_pb2.SubmitRankingRequest
     cases = [
@@ -104,7 +96,7 @@ async def test_many_concurrent_calls_on_one_connection(
     """600 calls at once on one connection (more bytes than HTTP/2's default window; the
     server grants 4 MiB, the client's waiting for a window is tested in
     tests/test_grpc_load_protocol.py): every call gets its own ack, and each is stored."""
-    c = await _completion(served, channel)
+    c = await small_completion(served, channel)
     ids = [ch.response_id for ch in c.choices]
     reqs = [
         feedback_pb2.SubmitRankingRequest(

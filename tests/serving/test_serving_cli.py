@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from instructloop.redis_server import free_port
 from instructloop.v1 import completion_pb2, completion_pb2_grpc, model_pb2, model_pb2_grpc
+from serving.testing import RECONNECT_EVERY_SECOND
 
 
 def test_cli_help_lists_the_verbs() -> None:
@@ -58,14 +59,7 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
-        # Reconnect at least every second, not with gRPC's default backoff (up to 120 s), which
-        # saw SERVING ~30 s after the server was up.
-        fast_reconnect = [
-            ("grpc.initial_reconnect_backoff_ms", 250),
-            ("grpc.min_reconnect_backoff_ms", 250),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=fast_reconnect) as ch:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=RECONNECT_EVERY_SECOND) as ch:
             deadline = time.monotonic() + 600
             while True:
                 assert proc.poll() is None, (tmp_path / "up.log").read_text()[-3000:]

@@ -7,21 +7,12 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis
-from serving_helpers import chat, redis_state, rpc_error, stubs
+from serving_helpers import chat, redis_state, rpc_error, small_completion, stubs
 
 from instructloop.v1 import completion_pb2, feedback_pb2
 from serving.testing import Served, running_server
 
 pytestmark = pytest.mark.engine
-
-
-async def _completion(
-    served: Served, channel: grpc.aio.Channel, n: int = 3
-) -> completion_pb2.CompletionResponse:
-    return await stubs(channel).completion.Complete(
-        chat(("user", "Name a fruit."), n=n, max_tokens=4, user_id="alice"),
-        metadata=served.user_md,
-    )
 
 
 def _stats(client: redis.Redis) -> dict[str, int]:
@@ -32,7 +23,7 @@ async def test_each_kind_is_stored(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
 ) -> None:
     s = stubs(channel)
-    c = await _completion(served, channel)
+    c = await small_completion(served, channel)
     a, b, d = (ch.response_id for ch in c.choices)
     md = served.user_md
 
@@ -80,7 +71,7 @@ async def test_idempotency_key_counts_once(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
 ) -> None:
     s = stubs(channel)
-    c = await _completion(served, channel, n=2)
+    c = await small_completion(served, channel, n=2)
     a, b = (ch.response_id for ch in c.choices)
     md = served.user_md
     req = feedback_pb2.SubmitComparisonRequest(
@@ -121,8 +112,8 @@ async def test_bad_feedback_is_refused_and_stores_nothing(
 ) -> None:
     s = stubs(channel)
     md = served.user_md
-    c1 = await _completion(served, channel, n=3)
-    c2 = await _completion(served, channel, n=2)
+    c1 = await small_completion(served, channel, n=3)
+    c2 = await small_completion(served, channel, n=2)
     a, b, d = (ch.response_id for ch in c1.choices)
     x, _ = (ch.response_id for ch in c2.choices)
     unknown = "resp-" + "0" * 32
