@@ -3,7 +3,8 @@
 Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments, same
 prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. Both
 servers are started, then each level runs on one and then the other, alternating the order over
-`--reps` repetitions (only one is ever under load: they would share the two cores).
+`--reps` repetitions (only one is ever under load: they would share the two cores; each run
+starts SETTLE_S after the other's last request, once the idle engine has stopped spinning).
 
 Measured per server and concurrency: output tokens per second (all output tokens / wall time),
 time to first token p50/p99, end-to-end latency p50/p99, and the CPU time each server's processes
@@ -40,6 +41,11 @@ from benchmarks.common import (
 MAX_TOKENS = 128
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
 MAX_MODEL_LEN = 2048
+# vLLM's engine worker busy-spins (sched_yield) for 1 s after its last step before it sleeps
+# (shm_broadcast.SpinCondition, busy_loop_s=1), on the core its twin uses: a server started
+# within that second of the other's last request lost ~1 s to it (TTFT 1.0-1.2 s instead of
+# 0.06-0.2 at c=8, 2026-12-06). Only one engine runs in production; here they take turns.
+SETTLE_S = 2.0
 API_KEY = "bench-key"
 
 TOPICS = [
@@ -345,6 +351,7 @@ async def bench_interleaved(
     `per_request` collects every request's [TTFT, E2E, output tokens] in completion order, per
     "server c=N rep R" (to see where a percentile's outlier sits)."""
     for one, _close, _probe in clients.values():
+        await asyncio.sleep(SETTLE_S)
         await one(texts[0])  # warm-up: first-request costs are not part of the comparison
     results = []
     for c, n in zip(levels, per_level, strict=True):
@@ -354,6 +361,7 @@ async def bench_interleaved(
             order = list(clients) if rep % 2 == 0 else list(reversed(clients))
             for name in order:
                 one, _close, probe = clients[name]
+                await asyncio.sleep(SETTLE_S)  # the other engine stops spinning
                 r, ss = await _run_level(name, one, texts, c, n, probe)
                 runs[name].append(r)
                 samples[name] += ss
