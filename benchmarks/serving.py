@@ -3,18 +3,21 @@
 Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments, same
 prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. Both
 servers are started, then each level runs on one and then the other, alternating the order over
-`--reps` repetitions (only one is ever under load: they would share the two cores; each run
-starts SETTLE_S after the other's last request, once the idle engine has stopped spinning).
+`--reps` short repetitions (only one is ever under load: they would share the two cores; each
+run starts SETTLE_S after the other's last request, once the idle engine has stopped spinning).
+The load generators are aiohttp for vLLM's server and benchmarks/grpc_load.py's HTTP/2 client for
+instructloop's (`instructloop-grpc-aio` adds grpc.aio's client on the same server).
 
 Measured per server and concurrency: output tokens per second (all output tokens / wall time),
 time to first token p50/p99, end-to-end latency p50/p99, and the CPU time each server's processes
 used during the level: the API process (HTTP or gRPC, the engine client, detokenization), the
 engine core (its children) and, for instructloop, its Redis, in CPU milliseconds per output token:
 on a small machine the API layer and the engine share the cores, so an API layer that costs more
-CPU per token leaves less for the engine. instructloop logs every completion to a durable Redis
-(AOF, appendfsync always) before it answers, as it does in production.
+CPU per token leaves less for the engine; the load generator's own CPU is shown for the same
+reason. instructloop logs every completion to a durable Redis (AOF, appendfsync always) before
+it answers, as it does in production.
 
-    python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 8 32 96]
+    python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 4 16 64] [--reps 6]
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import asyncio
 import json
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import (
     RESULTS_DIR,
@@ -95,6 +100,8 @@ class LevelResult:
     """CPU seconds of its child processes (vLLM's engine core) over the level."""
     redis_cpu_s: float = 0.0
     """CPU seconds of the Redis it logs to (instructloop; 0 for vLLM's server)."""
+    client_cpu_s: float = 0.0
+    """CPU seconds of the load generator (this process) over the level: it shares the cores."""
 
 
 class CpuProbe:
@@ -112,9 +119,11 @@ class CpuProbe:
         )
 
 
-def _cpu_ms_per_token(r: LevelResult) -> tuple[float, float, float]:
+def _cpu_ms_per_token(r: LevelResult) -> tuple[float, float, float, float]:
     n = max(r.output_tokens, 1)
-    return (1e3 * r.api_cpu_s / n, 1e3 * r.engine_cpu_s / n, 1e3 * r.redis_cpu_s / n)
+    return tuple(  # type: ignore[return-value]
+        1e3 * x / n for x in (r.api_cpu_s, r.engine_cpu_s, r.redis_cpu_s, r.client_cpu_s)
+    )
 
 
 async def _run_level(
@@ -140,12 +149,15 @@ async def _run_level(
                 if failed == 1:
                     print(f"  {name}: request failed: {e!r}")
 
-    cpu0 = probe.read()
+    cpu0, client0 = probe.read(), time.process_time()
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
+    client = time.process_time() - client0
     cpu = [round(b - a, 3) for a, b in zip(cpu0, probe.read(), strict=True)]
-    return _level(name, concurrency, n_requests, failed, wall, samples, *cpu), samples
+    r = _level(name, concurrency, n_requests, failed, wall, samples, *cpu)
+    r.client_cpu_s = round(client, 3)
+    return r, samples
 
 
 def _level(
@@ -300,26 +312,44 @@ def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
     raise TimeoutError(f"gRPC server not SERVING after {timeout}s:\n{proc.tail()}")
 
 
-def grpc_client(port: int):
+def grpc_client(port: int, lean: bool = True):
+    """Streaming calls to instructloop, over benchmarks/grpc_load.py's HTTP/2 client (`lean`)
+    or grpc.aio's. The lean one is the default: grpc.aio's client spent 0.37 / 0.14 / 0.10 CPU
+    ms per output token at c=1 / 8 / 32 where aiohttp spent 0.25 / 0.08 / 0.06 on vLLM's SSE
+    (2-core Zen 4 EPYC, 2026-12-06), CPU the load generator takes from the cores both servers
+    share; `--servers instructloop-grpc-aio` runs it alongside."""
     import grpc
 
+    from benchmarks.grpc_load import Connection
     from instructloop.v1 import completion_pb2, completion_pb2_grpc
 
-    channel: grpc.aio.Channel | None = None
     meta = (("authorization", f"Bearer {API_KEY}"),)
+    channel: grpc.aio.Channel | None = None
+    conn: Connection | None = None
+    path = "/instructloop.v1.CompletionService/StreamComplete"
+
+    async def chunks(req: completion_pb2.CompletionRequest) -> AsyncIterator[Any]:
+        nonlocal channel, conn
+        if lean:
+            if conn is None:
+                conn = await Connection.open("127.0.0.1", port)
+            async for raw in conn.stream(path, req.SerializeToString(), meta):
+                yield completion_pb2.CompletionChunk.FromString(raw)
+        else:
+            if channel is None:
+                channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+            stub = completion_pb2_grpc.CompletionServiceStub(channel)
+            async for chunk in stub.StreamComplete(req, metadata=meta, timeout=600):
+                yield chunk
 
     async def one(text: str) -> Sample:
-        nonlocal channel
-        if channel is None:
-            channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        stub = completion_pb2_grpc.CompletionServiceStub(channel)
         req = completion_pb2.CompletionRequest(
             prompt=text, max_tokens=MAX_TOKENS, temperature=0.0, user_id="bench"
         )
         t0 = time.perf_counter()
         ttft = None
         tokens = 0
-        async for chunk in stub.StreamComplete(req, metadata=meta, timeout=600):
+        async for chunk in chunks(req):
             if ttft is None and any(c.text for c in chunk.choices):
                 ttft = time.perf_counter() - t0
             if chunk.HasField("usage"):
@@ -330,6 +360,8 @@ def grpc_client(port: int):
     async def close() -> None:
         if channel is not None:
             await channel.close()
+        if conn is not None:
+            conn.close()
 
     return one, close
 
@@ -369,11 +401,11 @@ async def bench_interleaved(
                     per_request[f"{name} c={c} rep {rep}"] = [
                         [round(x.ttft_s, 4), round(x.e2e_s, 4), x.output_tokens] for x in ss
                     ]
-                api, eng, red = _cpu_ms_per_token(r)
+                api, eng, red, cli = _cpu_ms_per_token(r)
                 print(f"  {name:12s} c={c:<3d} rep {rep}: {r.output_tok_per_s:8.1f} tok/s  "
                       f"TTFT p50 {r.ttft_p50_s:.3f}s  E2E p50 {r.e2e_p50_s:.2f}s  "
-                      f"CPU ms/token api {api:.2f} engine {eng:.2f} redis {red:.2f}  "
-                      f"failed {r.failed}")  # fmt: skip
+                      f"CPU ms/token api {api:.2f} engine {eng:.2f} redis {red:.2f} "
+                      f"client {cli:.2f}  failed {r.failed}")  # fmt: skip
         for name in clients:
             results.append(_pool(name, c, runs[name], samples[name]))
     return results
@@ -382,7 +414,7 @@ async def bench_interleaved(
 def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> LevelResult:
     """One level's reps as one: all tokens over all wall time, percentiles over all requests."""
     wall = sum(r.wall_s for r in runs)
-    return _level(
+    pooled = _level(
         name,
         c,
         sum(r.requests for r in runs),
@@ -393,6 +425,8 @@ def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> 
         sum(r.engine_cpu_s for r in runs),
         sum(r.redis_cpu_s for r in runs),
     )
+    pooled.client_cpu_s = round(sum(r.client_cpu_s for r in runs), 3)
+    return pooled
 
 
 def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
@@ -401,28 +435,30 @@ def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
         f"{meta['model']}, {MAX_TOKENS} output tokens, greedy, streaming.",
         "",
         "| server | concurrency | output tok/s | TTFT p50 (s) | TTFT p99 (s) | E2E p50 (s) "
-        "| E2E p99 (s) | failed | CPU ms/token: API | engine | Redis |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| E2E p99 (s) | failed | CPU ms/token: API | engine | Redis | load generator |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        api, eng, red = _cpu_ms_per_token(r)
+        api, eng, red, cli = _cpu_ms_per_token(r)
         lines.append(
             f"| {r.server} | {r.concurrency} | {r.output_tok_per_s:.1f} | {r.ttft_p50_s:.3f} | "
             f"{r.ttft_p99_s:.3f} | {r.e2e_p50_s:.2f} | {r.e2e_p99_s:.2f} | {r.failed} "
-            f"| {api:.2f} | {eng:.2f} | {red:.2f} |"
+            f"| {api:.2f} | {eng:.2f} | {red:.2f} | {cli:.2f} |"
         )
     lines.append("")
     lines.append(
         "Target: instructloop throughput >= vLLM's server at every concurrency, TTFT p50 <= 1.1x."
     )
     by = {(r.server, r.concurrency): r for r in results}
-    for c in sorted({r.concurrency for r in results}):
-        a, b = by.get(("instructloop", c)), by.get(("vllm-openai", c))
-        if a and b and b.output_tok_per_s and b.ttft_p50_s:
-            lines.append(
-                f"- c={c}: throughput ratio {a.output_tok_per_s / b.output_tok_per_s:.2f}x, "
-                f"TTFT p50 ratio {a.ttft_p50_s / b.ttft_p50_s:.2f}x"
-            )
+    for name in ("instructloop", "instructloop-grpc-aio"):
+        for c in sorted({r.concurrency for r in results}):
+            a, b = by.get((name, c)), by.get(("vllm-openai", c))
+            if a and b and b.output_tok_per_s and b.ttft_p50_s:
+                lines.append(
+                    f"- {name} c={c}: throughput ratio "
+                    f"{a.output_tok_per_s / b.output_tok_per_s:.2f}x, "
+                    f"TTFT p50 ratio {a.ttft_p50_s / b.ttft_p50_s:.2f}x"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -433,9 +469,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--requests-per-level", type=int, nargs="+", default=[8, 32, 96])
-    ap.add_argument("--servers", nargs="+", default=["vllm-openai", "instructloop"])
-    ap.add_argument("--reps", type=int, default=2, help="runs per server and level, alternated")
+    ap.add_argument(
+        "--requests-per-level",
+        type=int,
+        nargs="+",
+        default=[4, 16, 64],
+        help="requests per server in each rep of a level (c=32: two waves of 32)",
+    )
+    ap.add_argument(
+        "--servers",
+        nargs="+",
+        default=["vllm-openai", "instructloop"],
+        choices=["vllm-openai", "instructloop", "instructloop-grpc-aio"],
+        help="instructloop-grpc-aio: the same instructloop server, called with grpc.aio's client",
+    )
+    ap.add_argument(
+        "--reps",
+        type=int,
+        default=6,
+        help="runs per server and level, alternated (short runs, many turns: the shared host's "
+        "speed drifts over minutes by more than the two servers differ)",
+    )
     ap.add_argument(
         "--name",
         default="serving",
@@ -452,21 +506,27 @@ def main() -> None:
     try:
         # Both servers are up together (an idle engine takes no CPU), so their runs can
         # alternate; see bench_interleaved.
+        il: tuple[int, CpuProbe] | None = None  # one instructloop server for both its clients
         for name in args.servers:
-            print(f"{name}: starting")
-            port = free_port()
             if name == "vllm-openai":
+                print(f"{name}: starting")
+                port = free_port()
                 proc = start_vllm(model_dir, port, logs / "serving-vllm.log")
                 procs.append(proc)
                 wait_http(f"http://127.0.0.1:{port}/health", proc)
                 clients[name] = (*vllm_client(port), CpuProbe(proc.proc.pid))
-            else:
+                continue
+            if il is None:
+                print("instructloop: starting")
+                port = free_port()
                 proc = start_instructloop(
                     model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
                 )
                 procs.append(proc)
                 wait_grpc(port, proc)
-                clients[name] = (*grpc_client(port), CpuProbe(proc.proc.pid, redis.proc.pid))
+                il = (port, CpuProbe(proc.proc.pid, redis.proc.pid))
+            lean = name == "instructloop"
+            clients[name] = (*grpc_client(il[0], lean=lean), il[1])
 
         async def go() -> list[LevelResult]:
             try:

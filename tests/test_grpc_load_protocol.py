@@ -5,6 +5,7 @@ PING unasked) is checked here. tests/serving/test_grpc_load.py checks it against
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Any
 
 import hpack
@@ -197,3 +198,90 @@ async def test_broken_streams_and_connections_fail_their_calls() -> None:
     assert e.value.code_name == "UNAVAILABLE"
     with pytest.raises(GrpcError):
         await s.conn.unary("/p.S/M", b"")
+
+
+def _message(body: bytes) -> bytes:
+    return b"\x00" + len(body).to_bytes(4, "big") + body
+
+
+async def _collect(s: Server, out: list[bytes]) -> None:
+    async for m in s.conn.stream("/p.S/Stream", b"req"):
+        out.append(m)
+
+
+async def test_a_stream_yields_messages_however_the_frames_cut_them() -> None:
+    s = await started()
+    await s.sent()
+    got: list[bytes] = []
+    task = asyncio.ensure_future(_collect(s, got))
+    (h, d) = await s.sent()
+    assert h[0] == HEADERS and dict(s.decoder.decode(h[3]))[":path"] == "/p.S/Stream"
+    assert d == (DATA, END_STREAM, 1, _message(b"req"))
+    wire = _message(b"one") + _message(b"") + _message(b"three" * 1000)
+    s.feed(s.headers(1, [(":status", "200"), ("content-type", "application/grpc")]))
+    # Cut mid-prefix and mid-body; the first frame holds one whole message and a part.
+    for a, b in itertools.pairwise([0, 9, 11, 2000]):
+        s.feed(_frame(DATA, 0, 1, wire[a:b]))
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert got == [b"one", b""]
+    s.feed(_frame(DATA, 0, 1, wire[2000:]), s.headers(1, [("grpc-status", "0")], END_STREAM))
+    await task
+    assert got == [b"one", b"", b"three" * 1000]
+
+
+async def test_a_stream_raises_the_status_after_its_messages() -> None:
+    s = await started()
+    await s.sent()
+    got: list[bytes] = []
+    task = asyncio.ensure_future(_collect(s, got))
+    await s.sent()
+    s.feed(
+        s.headers(1, [(":status", "200")]),
+        _frame(DATA, 0, 1, _message(b"partial answer")),
+        s.headers(1, [("grpc-status", "14"), ("grpc-message", "engine%20restarting")], END_STREAM),
+    )
+    with pytest.raises(GrpcError) as e:
+        await task
+    assert got == [b"partial answer"]
+    assert (e.value.code_name, e.value.message) == ("UNAVAILABLE", "engine restarting")
+
+
+async def test_a_truncated_or_compressed_stream_is_an_error() -> None:
+    s = await started()
+    await s.sent()
+    truncated = asyncio.ensure_future(_collect(s, []))
+    compressed = asyncio.ensure_future(_collect(s, []))
+    await s.sent()
+    s.feed(
+        s.headers(1, [(":status", "200")]),
+        _frame(DATA, 0, 1, _message(b"abcdef")[:7]),
+        s.headers(1, [("grpc-status", "0")], END_STREAM),
+        s.headers(3, [(":status", "200")]),
+        _frame(DATA, 0, 3, b"\x01" + _message(b"zz")[1:]),
+    )
+    for task, words in ((truncated, "truncated"), (compressed, "compressed")):
+        with pytest.raises(GrpcError) as e:
+            await task
+        assert e.value.code_name == "INTERNAL" and words in e.value.message
+    # The compressed one was reset on the wire: the server stops sending it.
+    assert (RST_STREAM, 0, 3, (8).to_bytes(4, "big")) in await s.sent()
+
+
+async def test_leaving_a_stream_cancels_it() -> None:
+    s = await started()
+    await s.sent()
+    stream = s.conn.stream("/p.S/Stream", b"req")
+    first = asyncio.ensure_future(anext(stream))  # the call starts on the first read
+    await s.sent()
+    s.feed(s.headers(1, [(":status", "200")]), _frame(DATA, 0, 1, _message(b"first")))
+    assert await first == b"first"
+    await stream.aclose()
+    frames = await s.sent()
+    assert frames[-1] == (RST_STREAM, 0, 1, (8).to_bytes(4, "big"))
+    # Frames still in flight for it are dropped; the connection carries on.
+    s.feed(_frame(DATA, 0, 1, _message(b"late")))
+    task = call(s, b"x")
+    await s.sent()
+    s.feed(s.reply(3, b"ok"))
+    assert await task == b"ok"

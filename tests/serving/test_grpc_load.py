@@ -13,7 +13,7 @@ from serving_helpers import small_completion, stubs
 
 from benchmarks.grpc_load import Connection, GrpcError
 from feedback.keys import Keys
-from instructloop.v1 import feedback_pb2
+from instructloop.v1 import completion_pb2, feedback_pb2
 from serving.testing import Served
 
 pytestmark = pytest.mark.engine
@@ -125,3 +125,76 @@ async def test_a_closed_connection_fails_its_calls(served: Served) -> None:
     with pytest.raises(GrpcError) as e:
         await conn.unary(SUBMIT_RANKING, b"", served.user_md)
     assert e.value.code_name == "UNAVAILABLE"
+
+
+STREAM_COMPLETE = "/instructloop.v1.CompletionService/StreamComplete"
+
+
+async def test_a_stream_is_the_stream_grpc_aio_gets(
+    served: Served, channel: grpc.aio.Channel
+) -> None:
+    """The serving benchmark's streams: the same chunks, in the same order, as grpc.aio's client
+    gets for the same greedy request (ids aside: each call is a new completion)."""
+    req = completion_pb2.CompletionRequest(
+        prompt="The capital of France is", max_tokens=12, temperature=0.0, user_id="lean",
+        disable_logging=True,
+    )  # fmt: skip
+    conn = await _open(served)
+    try:
+        lean = [
+            completion_pb2.CompletionChunk.FromString(raw)
+            async for raw in conn.stream(STREAM_COMPLETE, req.SerializeToString(), served.user_md)
+        ]
+    finally:
+        conn.close()
+    aio = [c async for c in stubs(channel).completion.StreamComplete(req, metadata=served.user_md)]
+
+    def shape(chunks: list[completion_pb2.CompletionChunk]) -> list[object]:
+        return [
+            ([(d.index, d.text, d.finish_reason, d.completion_tokens) for d in c.choices],
+             c.usage.completion_tokens, c.model_version)
+            for c in chunks
+        ]  # fmt: skip
+
+    assert len(lean) > 2 and lean[-1].usage.completion_tokens == 12
+    assert "".join(d.text for c in lean for d in c.choices)
+    assert shape(lean) == shape(aio)
+    assert len({c.completion_id for c in lean}) == 1
+
+
+async def test_a_failed_stream_and_a_left_stream(served: Served) -> None:
+    """A stream refused up front raises the server's status; one left after its first chunk
+    is cancelled, and the server aborts its engine request."""
+    conn = await _open(served)
+    try:
+        bad = completion_pb2.CompletionRequest(prompt="", user_id="lean")
+        with pytest.raises(GrpcError) as e:
+            async for _ in conn.stream(STREAM_COMPLETE, bad.SerializeToString(), served.user_md):
+                pass
+        assert e.value.code_name == "INVALID_ARGUMENT" and "prompt" in e.value.message
+        aborted = served.engine.stats.aborted_requests
+        long = completion_pb2.CompletionRequest(
+            prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,", max_tokens=1500, temperature=0.0,
+            user_id="lean", disable_logging=True,
+        )  # fmt: skip
+        chunks = conn.stream(STREAM_COMPLETE, long.SerializeToString(), served.user_md)
+        async for raw in chunks:
+            if completion_pb2.CompletionChunk.FromString(raw).choices:
+                break
+        assert served.engine.num_unfinished_requests() == 1
+        await chunks.aclose()
+        for _ in range(200):
+            if served.engine.num_unfinished_requests() == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert served.engine.num_unfinished_requests() == 0, "the left stream still runs"
+        assert served.engine.stats.aborted_requests == aborted + 1
+        # The connection still serves calls after the cancel.
+        ok = completion_pb2.CompletionRequest(prompt="Hi", max_tokens=2, user_id="lean")
+        last = [
+            raw
+            async for raw in conn.stream(STREAM_COMPLETE, ok.SerializeToString(), served.user_md)
+        ]
+        assert completion_pb2.CompletionChunk.FromString(last[-1]).usage.completion_tokens == 2
+    finally:
+        conn.close()
