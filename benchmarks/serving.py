@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
+import statistics
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -102,6 +104,8 @@ class LevelResult:
     """CPU seconds of the Redis it logs to (instructloop; 0 for vLLM's server)."""
     client_cpu_s: float = 0.0
     """CPU seconds of the load generator (this process) over the level: it shares the cores."""
+    rep: int | None = None
+    """Which rep of the level this is; None for a level's pooled figures."""
 
 
 class CpuProbe:
@@ -376,12 +380,14 @@ async def bench_interleaved(
     per_level: list[int],
     reps: int,
     per_request: dict[str, list[list[float]]] | None = None,
+    per_rep: list[LevelResult] | None = None,
 ) -> list[LevelResult]:
     """Both servers are up; each level runs `reps` times per server, alternating which goes
     first, so drift in a shared machine's speed hits both alike. A level's figures pool its
     reps: throughput = all tokens / all wall time, percentiles over all requests, CPU summed.
     `per_request` collects every request's [TTFT, E2E, output tokens] in completion order, per
-    "server c=N rep R" (to see where a percentile's outlier sits)."""
+    "server c=N rep R" (to see where a percentile's outlier sits); `per_rep` collects each rep's
+    own figures (for the paired comparison in `markdown`)."""
     for one, _close, _probe in clients.values():
         await asyncio.sleep(SETTLE_S)
         await one(texts[0])  # warm-up: first-request costs are not part of the comparison
@@ -395,8 +401,11 @@ async def bench_interleaved(
                 one, _close, probe = clients[name]
                 await asyncio.sleep(SETTLE_S)  # the other engine stops spinning
                 r, ss = await _run_level(name, one, texts, c, n, probe)
+                r.rep = rep
                 runs[name].append(r)
                 samples[name] += ss
+                if per_rep is not None:
+                    per_rep.append(r)
                 if per_request is not None:
                     per_request[f"{name} c={c} rep {rep}"] = [
                         [round(x.ttft_s, 4), round(x.e2e_s, 4), x.output_tokens] for x in ss
@@ -429,7 +438,34 @@ def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> 
     return pooled
 
 
-def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
+# Two-sided 95% Student t quantiles by degrees of freedom (a table: no scipy needed for this).
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def paired_ratios(reps: list[LevelResult], name: str, c: int) -> list[tuple[float, float]]:
+    """(throughput ratio, TTFT p50 ratio) of `name` to vLLM's server for each rep of level c:
+    the two runs of one rep are adjacent in time, so each ratio sees one state of the host."""
+    by = {(r.server, r.concurrency, r.rep): r for r in reps}
+    out = []
+    for rep in sorted({r.rep for r in reps if r.rep is not None}):
+        a, b = by.get((name, c, rep)), by.get(("vllm-openai", c, rep))
+        if a and b and b.output_tok_per_s and b.ttft_p50_s:
+            out.append((a.output_tok_per_s / b.output_tok_per_s, a.ttft_p50_s / b.ttft_p50_s))
+    return out
+
+
+def mean_ci95(xs: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% confidence interval (Student t; 0 for one value)."""
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return m, 0.0
+    t = _T95.get(len(xs) - 1, 2.0)
+    return m, t * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def markdown(
+    results: list[LevelResult], meta: dict[str, object], reps: list[LevelResult] | None = None
+) -> str:
     lines = [
         f"Serving benchmark, {meta['date']}, {meta['cpu']} ({meta['cores']} cores), "
         f"{meta['model']}, {MAX_TOKENS} output tokens, greedy, streaming.",
@@ -459,6 +495,30 @@ def markdown(results: list[LevelResult], meta: dict[str, object]) -> str:
                     f"{a.output_tok_per_s / b.output_tok_per_s:.2f}x, "
                     f"TTFT p50 ratio {a.ttft_p50_s / b.ttft_p50_s:.2f}x"
                 )
+    if reps:
+        lines += [
+            "",
+            "Paired by rep (each rep's two runs are adjacent in time, so the host's drift over "
+            "minutes, larger than the servers' difference, cancels in each ratio): the ratio per "
+            "rep, its mean and 95% confidence interval.",
+            "",
+            "| server | concurrency | throughput ratio per rep | mean (95% CI) "
+            "| TTFT p50 ratio per rep | mean (95% CI) |",
+            "|---|---:|---|---|---|---|",
+        ]
+        for name in ("instructloop", "instructloop-grpc-aio"):
+            for c in sorted({r.concurrency for r in reps}):
+                pairs = paired_ratios(reps, name, c)
+                if not pairs:
+                    continue
+                cells = []
+                for xs in ([p[0] for p in pairs], [p[1] for p in pairs]):
+                    m, h = mean_ci95(xs)
+                    cells += [
+                        " ".join(f"{x:.2f}" for x in xs),
+                        f"{m:.3f}x ({m - h:.3f}-{m + h:.3f})",
+                    ]
+                lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -537,12 +597,14 @@ def main() -> None:
                     args.requests_per_level,
                     args.reps,
                     per_request,
+                    per_rep,
                 )
             finally:
                 for _one, close, _probe in clients.values():
                     await close()
 
         per_request: dict[str, list[list[float]]] = {}
+        per_rep: list[LevelResult] = []
         results = asyncio.run(go())
     finally:
         for proc in procs:
@@ -550,10 +612,15 @@ def main() -> None:
         redis.stop()
 
     meta = {**machine(), "model": model_dir.name, "max_tokens": MAX_TOKENS}
-    md = markdown(results, meta)
+    md = markdown(results, meta, per_rep)
     out = write_results(
         args.name,
-        {"meta": meta, "results": [asdict(r) for r in results], "per_request": per_request},
+        {
+            "meta": meta,
+            "results": [asdict(r) for r in results],
+            "reps": [asdict(r) for r in per_rep],
+            "per_request": per_request,
+        },
         md,
     )
     print(md)
