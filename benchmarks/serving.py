@@ -516,7 +516,7 @@ def markdown(
                     m, h = mean_ci95(xs)
                     cells += [
                         " ".join(f"{x:.2f}" for x in xs),
-                        f"{m:.3f}x ({m - h:.3f}-{m + h:.3f})",
+                        f"{m:.3f}x [{m - h:.3f}, {m + h:.3f}]",
                     ]
                 lines.append(f"| {name} | {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
