@@ -160,10 +160,9 @@ class Connection(asyncio.Protocol):
 
         There is no client-side deadline: pass `("grpc-timeout", "10S")` in `metadata` and the
         server ends the call with DEADLINE_EXCEEDED."""
-        stream = _Stream(future=self._loop.create_future())
-        self._start(stream, path, request, metadata)
-        assert stream.future is not None
-        return await stream.future
+        future: asyncio.Future[bytes] = self._loop.create_future()
+        self._start(_Stream(future=future), path, request, metadata)
+        return await future
 
     async def stream(
         self, path: str, request: bytes, metadata: tuple[tuple[str, str], ...] = ()
@@ -171,22 +170,17 @@ class Connection(asyncio.Protocol):
         """Call a server-streaming `path`: each serialized response message as it arrives; a
         non-OK status (or a broken connection) raises GrpcError after the messages before it.
         Leaving the loop early cancels the call (RST_STREAM CANCEL), as grpc.aio does."""
-        stream = _Stream(messages=asyncio.Queue())
-        sid = self._start(stream, path, request, metadata)
-        assert stream.messages is not None
-        done = False
+        messages: asyncio.Queue[bytes | GrpcError | None] = asyncio.Queue()
+        sid = self._start(_Stream(messages=messages), path, request, metadata)
         try:
-            while True:
-                item = await stream.messages.get()
-                if item is None:
-                    done = True
-                    return
+            while (item := await messages.get()) is not None:
                 if isinstance(item, GrpcError):
-                    done = True
                     raise item
                 yield item
         finally:
-            if not done and self._streams.pop(sid, None) is not None:
+            # A call that ended (trailers, reset, lost connection) has left `_streams`; one
+            # still there was left early by its reader.
+            if self._streams.pop(sid, None) is not None:
                 self._write(_frame(RST_STREAM, 0, sid, CANCEL.to_bytes(4, "big")))
 
     def _start(

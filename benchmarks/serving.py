@@ -54,6 +54,9 @@ MAX_MODEL_LEN = 2048
 # 0.06-0.2 at c=8, 2026-12-06). Only one engine runs in production; here they take turns.
 SETTLE_S = 2.0
 API_KEY = "bench-key"
+# instructloop's server as each of its load generators calls it: our lean HTTP/2 client, and
+# grpc.aio's (see grpc_client).
+INSTRUCTLOOP_CLIENTS = ("instructloop", "instructloop-grpc-aio")
 
 TOPICS = [
     "the water cycle", "how vaccines work", "the history of the printing press",
@@ -125,8 +128,11 @@ class CpuProbe:
 
 def _cpu_ms_per_token(r: LevelResult) -> tuple[float, float, float, float]:
     n = max(r.output_tokens, 1)
-    return tuple(  # type: ignore[return-value]
-        1e3 * x / n for x in (r.api_cpu_s, r.engine_cpu_s, r.redis_cpu_s, r.client_cpu_s)
+    return (
+        1e3 * r.api_cpu_s / n,
+        1e3 * r.engine_cpu_s / n,
+        1e3 * r.redis_cpu_s / n,
+        1e3 * r.client_cpu_s / n,
     )
 
 
@@ -153,15 +159,14 @@ async def _run_level(
                 if failed == 1:
                     print(f"  {name}: request failed: {e!r}")
 
-    cpu0, client0 = probe.read(), time.process_time()
+    # The server's processes, then the load generator (this process, all its threads).
+    cpu0 = (*probe.read(), time.process_time())
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     wall = time.perf_counter() - t0
-    client = time.process_time() - client0
-    cpu = [round(b - a, 3) for a, b in zip(cpu0, probe.read(), strict=True)]
-    r = _level(name, concurrency, n_requests, failed, wall, samples, *cpu)
-    r.client_cpu_s = round(client, 3)
-    return r, samples
+    cpu1 = (*probe.read(), time.process_time())
+    cpu = [round(b - a, 3) for a, b in zip(cpu0, cpu1, strict=True)]
+    return _level(name, concurrency, n_requests, failed, wall, samples, *cpu), samples
 
 
 def _level(
@@ -174,6 +179,7 @@ def _level(
     api_cpu_s: float = 0.0,
     engine_cpu_s: float = 0.0,
     redis_cpu_s: float = 0.0,
+    client_cpu_s: float = 0.0,
 ) -> LevelResult:
     tokens = sum(s.output_tokens for s in samples)
     ttft = [s.ttft_s for s in samples]
@@ -193,6 +199,7 @@ def _level(
         api_cpu_s=round(api_cpu_s, 3),
         engine_cpu_s=round(engine_cpu_s, 3),
         redis_cpu_s=round(redis_cpu_s, 3),
+        client_cpu_s=round(client_cpu_s, 3),
     )
 
 
@@ -423,7 +430,7 @@ async def bench_interleaved(
 def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> LevelResult:
     """One level's reps as one: all tokens over all wall time, percentiles over all requests."""
     wall = sum(r.wall_s for r in runs)
-    pooled = _level(
+    return _level(
         name,
         c,
         sum(r.requests for r in runs),
@@ -433,9 +440,8 @@ def _pool(name: str, c: int, runs: list[LevelResult], samples: list[Sample]) -> 
         sum(r.api_cpu_s for r in runs),
         sum(r.engine_cpu_s for r in runs),
         sum(r.redis_cpu_s for r in runs),
+        sum(r.client_cpu_s for r in runs),
     )
-    pooled.client_cpu_s = round(sum(r.client_cpu_s for r in runs), 3)
-    return pooled
 
 
 # Two-sided 95% Student t quantiles by degrees of freedom (a table: no scipy needed for this).
@@ -486,7 +492,7 @@ def markdown(
         "Target: instructloop throughput >= vLLM's server at every concurrency, TTFT p50 <= 1.1x."
     )
     by = {(r.server, r.concurrency): r for r in results}
-    for name in ("instructloop", "instructloop-grpc-aio"):
+    for name in INSTRUCTLOOP_CLIENTS:
         for c in sorted({r.concurrency for r in results}):
             a, b = by.get((name, c)), by.get(("vllm-openai", c))
             if a and b and b.output_tok_per_s and b.ttft_p50_s:
@@ -506,7 +512,7 @@ def markdown(
             "| TTFT p50 ratio per rep | mean (95% CI) |",
             "|---|---:|---|---|---|---|",
         ]
-        for name in ("instructloop", "instructloop-grpc-aio"):
+        for name in INSTRUCTLOOP_CLIENTS:
             for c in sorted({r.concurrency for r in reps}):
                 pairs = paired_ratios(reps, name, c)
                 if not pairs:
@@ -540,7 +546,7 @@ def main() -> None:
         "--servers",
         nargs="+",
         default=["vllm-openai", "instructloop"],
-        choices=["vllm-openai", "instructloop", "instructloop-grpc-aio"],
+        choices=["vllm-openai", *INSTRUCTLOOP_CLIENTS],
         help="instructloop-grpc-aio: the same instructloop server, called with grpc.aio's client",
     )
     ap.add_argument(
