@@ -54,6 +54,13 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         help="cores for the engine's threads on the CPU backend, e.g. 0-3 "
         "(VLLM_CPU_OMP_THREADS_BIND; default: vLLM's auto)",
     )
+    g.add_argument(
+        "--cpu-reserved-cores",
+        type=int,
+        default=None,
+        help="cores kept from the model for vLLM's scheduler on the CPU backend "
+        "(VLLM_CPU_NUM_OF_RESERVED_CPU; default: 0 on a machine of 2 cores or fewer, else vLLM's)",
+    )
     g.add_argument("--max-num-seqs", type=int, default=None, help="most sequences per step")
     g.add_argument(
         "--enforce-eager",
@@ -138,6 +145,7 @@ def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "cpu_kvcache_space_gib": args.kv_cache_space_gib,
         "cpu_omp_threads_bind": args.cpu_cores,
+        "cpu_reserved_cores": args.cpu_reserved_cores,
         "max_num_seqs": args.max_num_seqs,
         "enforce_eager": args.enforce_eager,
         "enable_chunked_prefill": args.chunked_prefill,

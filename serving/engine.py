@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructloop.hardware import RESERVED_CORES_ENV, engine_reserved_cores
 from serving.config import ServerConfig
 
 log = logging.getLogger("instructloop.serving.engine")
@@ -278,6 +279,9 @@ class Engine:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_omp_threads_bind
         if self.config.cpu_kvcache_space_gib is not None:
             env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.cpu_kvcache_space_gib:g}"
+        reserved = engine_reserved_cores(self.config.cpu_reserved_cores)
+        if reserved is not None and is_cpu_backend():
+            env[RESERVED_CORES_ENV] = str(reserved)
         if self._tokenizer is None:
             progress(f"engine: loading tokenizer of {self.model}")
             self._tokenizer = await asyncio.to_thread(self._load_tokenizer)

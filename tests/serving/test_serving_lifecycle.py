@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -83,6 +84,32 @@ def _engine_core_procs() -> list[psutil.Process]:
         if "EngineCore" in title:
             out.append(p)
     return out
+
+
+def test_small_machine_engine_uses_every_core(served: Served) -> None:
+    """On a machine of at most 2 usable cores the model's threads run on all of them: vLLM's
+    CPU backend would keep one core for its scheduler and leave the model the other."""
+    from instructloop.hardware import RESERVED_CORES_ENV, SMALL_MACHINE_CORES
+
+    usable = os.sched_getaffinity(0)
+    if len(usable) > SMALL_MACHINE_CORES:
+        pytest.skip(f"{len(usable)} cores: vLLM's own reservation applies")
+    if os.environ.get(RESERVED_CORES_ENV, "0") != "0" or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        pytest.skip("the environment sets the engine's cores")
+    assert served.engine.alive
+    workers = [
+        c
+        for p in _engine_core_procs()
+        for c in p.children(recursive=True)
+        if "Worker" in (" ".join(c.cmdline()) or c.name())
+    ]
+    assert workers, "no engine worker process found"
+    cores: set[int] = set()
+    for w in workers:
+        for t in w.threads():
+            with contextlib.suppress(OSError):  # a thread that has ended meanwhile
+                cores |= os.sched_getaffinity(t.id)
+    assert cores == usable, f"model threads on cores {sorted(cores)} of {sorted(usable)}"
 
 
 async def _health(ch: grpc.aio.Channel) -> int:

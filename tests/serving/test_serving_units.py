@@ -44,6 +44,7 @@ def test_keys_file(tmp_path: Path) -> None:
         ({"max_model_len": 1}, "max_model_len"),
         ({"gpu_memory_utilization": 0.0}, "gpu_memory_utilization"),
         ({"cpu_kvcache_space_gib": -1.0}, "cpu_kvcache_space_gib"),
+        ({"cpu_reserved_cores": -1}, "cpu_reserved_cores must not be negative"),
         ({"max_n": 0}, "max_n"),
         ({"event_loop": "trio"}, "event_loop must be one of auto, uvloop, asyncio"),
     ],
@@ -51,6 +52,21 @@ def test_keys_file(tmp_path: Path) -> None:
 def test_bad_config_is_refused(changes: dict[str, object], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         ServerConfig().with_(**changes).validate()
+
+
+def test_engine_reserved_cores() -> None:
+    """A set value wins, then the operator's environment, then 0 on a machine of 2 cores or
+    fewer (the model gets every core), else vLLM's own default (None: nothing set)."""
+    from instructloop.hardware import RESERVED_CORES_ENV, engine_reserved_cores
+
+    assert engine_reserved_cores(None, {}, cores=1) == 0
+    assert engine_reserved_cores(None, {}, cores=2) == 0
+    assert engine_reserved_cores(None, {}, cores=3) is None
+    assert engine_reserved_cores(None, {}, cores=64) is None
+    assert engine_reserved_cores(1, {}, cores=2) == 1
+    assert engine_reserved_cores(0, {}, cores=64) == 0
+    assert engine_reserved_cores(None, {RESERVED_CORES_ENV: "1"}, cores=2) is None
+    assert engine_reserved_cores(2, {RESERVED_CORES_ENV: "1"}, cores=2) == 2
 
 
 def test_a_redis_url_the_store_cannot_use_is_a_config_error() -> None:
