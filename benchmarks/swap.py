@@ -35,7 +35,14 @@ from benchmarks.common import (
     python,
     write_results,
 )
-from benchmarks.serving import ENGINE_ENV, MAX_MODEL_LEN, MAX_TOKENS, prompts, wait_grpc
+from benchmarks.serving import (
+    ENGINE_ENV,
+    MAX_MODEL_LEN,
+    MAX_TOKENS,
+    engine_dtype,
+    prompts,
+    wait_grpc,
+)
 
 USER_KEY, ADMIN_KEY = "bench-user", "bench-admin"
 KEYS = {"INSTRUCTLOOP_API_KEYS": USER_KEY, "INSTRUCTLOOP_ADMIN_KEYS": ADMIN_KEY}
@@ -63,12 +70,18 @@ class Swap:
 
 
 def start_replica(
-    i: int, port: int, metrics_port: int, redis_url: str, drain: float, cores: str | None
+    i: int,
+    port: int,
+    metrics_port: int,
+    redis_url: str,
+    drain: float,
+    cores: str | None,
+    dtype: str,
 ) -> Proc:
     cmd = [
         python(), "-m", "instructloop", "serve",
         "--grpc-port", str(port), "--metrics-port", str(metrics_port), "--redis-url", redis_url,
-        "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "bfloat16", "--replica-id", f"r{i}",
+        "--max-model-len", str(MAX_MODEL_LEN), "--dtype", dtype, "--replica-id", f"r{i}",
         "--follow-live", "--swap-drain-timeout", str(drain), "--swap-poll", "1",
         "--feedback-rate-limit", "0",
     ]  # fmt: skip
@@ -189,12 +202,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         v2 = registry.register(pert, source="bench").version
         ports = [free_port() for _ in range(args.replicas)]
         mports = [free_port() for _ in range(args.replicas)]
+        dtype = engine_dtype(model_dir)
         n_cpu = os.cpu_count() or 1
         per = n_cpu // args.replicas
         for i in range(args.replicas):
             cores = f"{i * per}-{(i + 1) * per - 1}" if per >= 1 and args.bind_cores else None
             procs.append(
-                start_replica(i, ports[i], mports[i], redis.url, args.drain_timeout, cores)
+                start_replica(i, ports[i], mports[i], redis.url, args.drain_timeout, cores, dtype)
             )
         for p, port in zip(procs, ports, strict=True):
             wait_grpc(port, p)
@@ -228,6 +242,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics = [scrape(p) for p in mports]
         res = {
             "model": model_dir.name,
+            "dtype": dtype,
             "replicas": args.replicas,
             "streams": args.streams,
             "max_tokens": MAX_TOKENS,
@@ -258,8 +273,9 @@ def markdown(r: dict[str, Any], meta: dict[str, Any]) -> str:
     b, d = r["before_swap"], r["during_swap"]
     lines = [
         f"Hot-swap benchmark, {meta['date']}, {meta['cpu']} ({meta['cores']} cores, load "
-        f"average {meta['loadavg_1m']:.1f} at the end), {r['model']} (bf16), {r['replicas']} "
-        f"replicas, {r['streams']} concurrent streams of {r['max_tokens']} greedy tokens, drain "
+        f"average {meta['loadavg_1m']:.1f} at the end), {r['model']} "
+        f"({r.get('dtype', 'bfloat16')}), {r['replicas']} replicas, {r['streams']} concurrent "
+        f"streams of {r['max_tokens']} greedy tokens, drain "
         f"timeout {r['drain_timeout_s']:g} s, {r['run_s']:.0f} s of load.",
         "",
         "| | requests | E2E p50 (s) | E2E p99 (s) | TTFT p50 (s) | TTFT p99 (s) |",
