@@ -1,10 +1,14 @@
 """Serving benchmark: instructloop's gRPC server against vLLM's own OpenAI-compatible server.
 
-Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments, same
-prompts, 128 output tokens, greedy, streaming, at concurrency 1, 8 and 32, in one run. Both
-servers are started, then each level runs on one and then the other, alternating the order over
-`--reps` short repetitions (only one is ever under load: they would share the two cores; each
-run starts SETTLE_S after the other's last request, once the idle engine has stopped spinning).
+Same machine, same model (the default SmolLM2-135M-Instruct), same engine arguments (the dtype
+instructloop resolves on this machine), same prompts, 128 output tokens, greedy, streaming, at
+concurrency 1, 8 and 32, in one run. vLLM's server runs as it ships and, where instructloop's
+server sets an engine environment of its own on this machine (on 2 cores: no core reserved for
+vLLM's scheduler), a second time with that environment (`vllm-openai-matched`), which leaves only
+the API layers different. The servers are started, then each level runs on one after the
+other, alternating the order over `--reps` short repetitions (only one is ever under load: they
+would share the two cores; each run starts SETTLE_S after the previous one's last request, once
+that idle engine has stopped spinning).
 The load generators are aiohttp for vLLM's server and benchmarks/grpc_load.py's HTTP/2 client for
 instructloop's (`instructloop-grpc-aio` adds grpc.aio's client on the same server).
 
@@ -18,6 +22,7 @@ reason. instructloop logs every completion to a durable Redis (AOF, appendfsync 
 it answers, as it does in production.
 
     python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 4 16 64] [--reps 6]
+        [--servers vllm-openai vllm-openai-matched instructloop instructloop-grpc-aio]
 """
 
 from __future__ import annotations
