@@ -51,6 +51,10 @@ from benchmarks.common import (
     write_results,
 )
 
+# Both servers run the dtype instructloop's engine picks on this machine: bf16 where the CPU has
+# bf16 units, float32 on AVX2 only (forced bf16 ran 26.8 tok/s at c=32 on a Zen 3 EPYC).
+from instructloop.hardware import engine_dtype
+
 MAX_TOKENS = 128
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "0"}
 MAX_MODEL_LEN = 2048
@@ -214,15 +218,6 @@ def _level(
 
 
 # --- vLLM's OpenAI-compatible server -------------------------------------------------------
-
-
-def engine_dtype(model_dir: Path) -> str:
-    """The dtype instructloop's engine resolves for `model_dir` on this machine, given to both
-    servers: bf16 where the CPU computes it natively, float32 on an AVX2-only CPU (where vLLM's
-    bf16 path is several times slower: 26.8 tok/s at c=32 on a Zen 3 EPYC, 2026-12-06)."""
-    from instructloop.hardware import engine_dtype as resolve
-
-    return resolve(model_dir)
 
 
 def matched_engine_env() -> dict[str, str]:

@@ -35,14 +35,8 @@ from benchmarks.common import (
     python,
     write_results,
 )
-from benchmarks.serving import (
-    ENGINE_ENV,
-    MAX_MODEL_LEN,
-    MAX_TOKENS,
-    engine_dtype,
-    prompts,
-    wait_grpc,
-)
+from benchmarks.serving import ENGINE_ENV, MAX_MODEL_LEN, MAX_TOKENS, prompts, wait_grpc
+from instructloop.hardware import engine_dtype
 
 USER_KEY, ADMIN_KEY = "bench-user", "bench-admin"
 KEYS = {"INSTRUCTLOOP_API_KEYS": USER_KEY, "INSTRUCTLOOP_ADMIN_KEYS": ADMIN_KEY}
