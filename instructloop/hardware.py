@@ -57,9 +57,12 @@ def engine_dtype(model_path: str | Path, dtype: str = "auto") -> str:
 # vLLM's CPU backend holds cores back from the model for its scheduler process, which
 # busy-waits on the model's worker (one core per rank; VLLM_CPU_NUM_OF_RESERVED_CPU). On a machine
 # with this many usable cores or fewer that leaves the model half the machine or less, and
-# giving it every core is faster even though the scheduler then shares one with it: 203 against
-# 128 tok/s at concurrency 32, 97-107 against 77-81 at 8 (SmolLM2-135M, float32, 2-core Zen 3
-# EPYC, 2026-12-06). Above it, vLLM's choice stands: not measured here.
+# giving it every core is faster under load even though the scheduler then shares one with it
+# (SmolLM2-135M, 2026-12-06): 1.56x / 1.35x / 1.18x the tok/s at concurrency 32 / 8 / 1 on a
+# 2-core Zen 3 EPYC (float32), 1.29x / 1.08x / 0.90x on a 2-core Zen 4 EPYC (bf16), where one
+# request's decode step is mostly one Python thread's work and loses by sharing its core.
+# Set cpu_reserved_cores=1 to keep vLLM's choice for single-request latency. Above the
+# threshold, vLLM's choice stands: not measured here.
 SMALL_MACHINE_CORES = 2
 RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
