@@ -222,10 +222,19 @@ def _level(
 
 def matched_engine_env() -> dict[str, str]:
     """The engine environment instructloop's server would add to ENGINE_ENV on this machine."""
-    from instructloop.hardware import RESERVED_CORES_ENV, engine_reserved_cores
+    from instructloop.hardware import (
+        RESERVED_CORES_ENV,
+        cpu_engine_installed,
+        engine_omp_env,
+        engine_reserved_cores,
+    )
 
-    reserved = engine_reserved_cores(None, {**os.environ, **ENGINE_ENV})
-    return {} if reserved is None else {RESERVED_CORES_ENV: str(reserved)}
+    environ = {**os.environ, **ENGINE_ENV}
+    reserved = engine_reserved_cores(None, environ)
+    env = {} if reserved is None else {RESERVED_CORES_ENV: str(reserved)}
+    if cpu_engine_installed():  # as `instructloop serve` does (serving/cli.py)
+        env.update(engine_omp_env(None, environ))
+    return env
 
 
 def start_vllm(model_dir: Path, port: int, log: Path, matched: bool = False) -> Proc:

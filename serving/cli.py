@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -258,10 +258,33 @@ def _logging() -> None:
     )
 
 
+def _engine_omp_env(args: argparse.Namespace) -> dict[str, str]:
+    """Put the engine's OpenMP settings (instructloop/hardware.py: engine_omp_env) into this
+    process's environment, which the engine's forked processes inherit. Called before anything
+    imports torch, whose OpenMP runtime reads them once, at load; returns what it set."""
+    from instructloop.hardware import OMP_SPIN_ENV, cpu_engine_installed, engine_omp_env
+
+    if not cpu_engine_installed():
+        return {}
+    env = engine_omp_env(args.cpu_reserved_cores)
+    if not env:
+        return {}
+    if "torch" in sys.modules:  # too late to take effect; say so rather than pretend
+        _say(f"engine: {OMP_SPIN_ENV} not set: torch was loaded before the engine's settings")
+        return {}
+    os.environ.update(env)
+    _say(
+        f"engine: OpenMP threads spin {env[OMP_SPIN_ENV]} turns before they sleep "
+        f"({OMP_SPIN_ENV}; they share their cores with vLLM's scheduler and this server)"
+    )
+    return env
+
+
 def _serve(args: argparse.Namespace) -> int:
     from serving.config import ConfigError
 
     _logging()
+    _engine_omp_env(args)
     try:
         cfg = _config_from_args(args)
         cfg.validate()
@@ -271,9 +294,22 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def _start_loop(redis_url: str, metrics_port: int) -> list[subprocess.Popen[bytes]]:
-    """The training worker and beat as child processes (the server never imports training)."""
-    env = {**os.environ, "REDIS_URL": redis_url}
+def loop_env(
+    environ: Mapping[str, str], redis_url: str, server_only: Mapping[str, str]
+) -> dict[str, str]:
+    """The training worker's and beat's environment: this process's, with their Redis, less
+    what the server set for its own engine (training's engines choose their own settings)."""
+    env = {k: v for k, v in environ.items() if k not in server_only}
+    env["REDIS_URL"] = redis_url
+    return env
+
+
+def _start_loop(
+    redis_url: str, metrics_port: int, server_only: dict[str, str]
+) -> list[subprocess.Popen[bytes]]:
+    """The training worker and beat as child processes (the server never imports training);
+    `server_only`: environment the server set for its own engine, not passed on."""
+    env = loop_env(os.environ, redis_url, server_only)
     cmds = {
         "worker": [sys.executable, "-m", "instructloop", "worker",
                    "--metrics-port", str(metrics_port)],
@@ -309,6 +345,7 @@ def _up(args: argparse.Namespace) -> int:
     from serving.config import ConfigError
 
     _logging()
+    omp_env = _engine_omp_env(args)
     redis_proc: RedisProcess | None = None
     loop_procs: list[subprocess.Popen[bytes]] = []
     redis_url = args.redis_url or os.environ.get("REDIS_URL")
@@ -333,7 +370,7 @@ def _up(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args, redis_url=redis_url)
         cfg.validate()
         if not args.no_loop:
-            loop_procs = _start_loop(redis_url, args.worker_metrics_port)
+            loop_procs = _start_loop(redis_url, args.worker_metrics_port, omp_env)
 
         def ready(server: Any) -> None:
             _say(f"data directory: {data_dir()}")

@@ -15,6 +15,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from instructloop.hardware import cpu_engine_installed, engine_omp_env
 from instructloop.redis_server import free_port
 from instructloop.v1 import completion_pb2, completion_pb2_grpc, model_pb2, model_pb2_grpc
 from serving.testing import RECONNECT_EVERY_SECOND
@@ -84,6 +85,10 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
             assert sm.model.version == resp.model_version == sm.live_version
         text = (tmp_path / "up.log").read_text()
         assert f"gRPC: 127.0.0.1:{port}" in text and "metrics: http://" in text
+        if engine_omp_env(None) and cpu_engine_installed():  # a small CPU machine, as CI's
+            # Set before torch loaded (else the server says it was too late).
+            assert "engine: OpenMP threads spin 20000 turns" in text, text[-3000:]
+            assert "torch was loaded before" not in text
         assert "event loop: uvloop" in text  # ServerConfig.event_loop "auto", uvloop installed
         redis_url = next(
             line.split("redis: ", 1)[1].strip()
@@ -112,3 +117,16 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
     from instructloop.redis_server import is_reachable
 
     assert not is_reachable(redis_url)
+
+
+def test_the_training_loop_does_not_inherit_the_servers_engine_settings() -> None:
+    """`up` starts the worker and beat with this process's environment and their Redis, less
+    what the server set for its own engine (GOMP_SPINCOUNT)."""
+    from serving.cli import loop_env
+
+    env = loop_env(
+        {"PATH": "/bin", "GOMP_SPINCOUNT": "20000", "REDIS_URL": "redis://old"},
+        "redis://127.0.0.1:1/0",
+        {"GOMP_SPINCOUNT": "20000"},
+    )
+    assert env == {"PATH": "/bin", "REDIS_URL": "redis://127.0.0.1:1/0"}

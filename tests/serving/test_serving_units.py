@@ -69,6 +69,24 @@ def test_engine_reserved_cores() -> None:
     assert engine_reserved_cores(2, {RESERVED_CORES_ENV: "1"}, cores=2) == 2
 
 
+def test_engine_omp_env() -> None:
+    """A short OpenMP spin where the model shares its cores (no core reserved: our 2-core rule,
+    a set 0 or the operator's 0); nothing where a core is reserved or the operator set OpenMP's
+    spin count or wait policy."""
+    from instructloop.hardware import OMP_SPIN_ENV, RESERVED_CORES_ENV, engine_omp_env
+
+    short = {OMP_SPIN_ENV: "20000"}
+    assert engine_omp_env(None, {}, cores=2) == short
+    assert engine_omp_env(0, {}, cores=64) == short
+    assert engine_omp_env(None, {RESERVED_CORES_ENV: "0"}, cores=64) == short
+    assert engine_omp_env(None, {}, cores=64) == {}
+    assert engine_omp_env(1, {}, cores=2) == {}
+    assert engine_omp_env(None, {RESERVED_CORES_ENV: "1"}, cores=2) == {}
+    assert engine_omp_env(None, {RESERVED_CORES_ENV: "x"}, cores=2) == {}
+    assert engine_omp_env(None, {OMP_SPIN_ENV: "300000"}, cores=2) == {}
+    assert engine_omp_env(None, {"OMP_WAIT_POLICY": "active"}, cores=2) == {}
+
+
 def test_a_redis_url_the_store_cannot_use_is_a_config_error() -> None:
     """rediss:// (TLS) is refused before anything starts, naming the flag and the reason."""
     with pytest.raises(ConfigError, match=r"--redis-url rediss://127\.0\.0\.1:6380/0: .*TLS"):
