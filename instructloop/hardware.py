@@ -59,10 +59,9 @@ def engine_dtype(model_path: str | Path, dtype: str = "auto") -> str:
 # with this many usable cores or fewer that leaves the model half the machine or less, and
 # giving it every core is faster under load even though the scheduler then shares one with it
 # (SmolLM2-135M, 2026-12-06): 1.56x / 1.35x / 1.18x the tok/s at concurrency 32 / 8 / 1 on a
-# 2-core Zen 3 EPYC (float32), 1.29x / 1.08x / 0.90x on a 2-core Zen 4 EPYC (bf16), where one
-# request's decode step is mostly one Python thread's work and loses by sharing its core.
-# Set cpu_reserved_cores=1 to keep vLLM's choice for single-request latency. Above the
-# threshold, vLLM's choice stands: not measured here.
+# 2-core Zen 3 EPYC (float32); on a 2-core Zen 4 EPYC (bf16) 1.29x / 1.08x / 0.90x, and with
+# the OpenMP spin below 1.34x / 1.14x / 1.08x. Above the threshold, vLLM's choice stands: not
+# measured here.
 SMALL_MACHINE_CORES = 2
 RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
@@ -73,6 +72,8 @@ RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 # step. 20,000 against the default, alternated reps on one 2-core Zen 4 EPYC (bf16, 2026-12-06):
 # 66.0 against 52.6 tok/s at concurrency 1 (vLLM's server as it ships: 59.6), 745 against 692
 # at 32 (570); OMP_WAIT_POLICY=PASSIVE (sleep at once) was slower than both (41.6, 656).
+# The benchmark then: 1.08x / 1.14x / 1.34x vLLM's server as it ships at concurrency 1 / 8 / 32
+# (benchmarks/results/serving_epyc_zen4_2026-12-06_omp_spin.md).
 OMP_SPIN_ENV = "GOMP_SPINCOUNT"
 SHARED_CORES_OMP_SPINCOUNT = 20_000
 _OMP_WAIT_ENVS = (OMP_SPIN_ENV, "OMP_WAIT_POLICY")

@@ -82,8 +82,9 @@ class ServerConfig:
     """Cores the CPU backend keeps from the model for vLLM's scheduler process (sets
     VLLM_CPU_NUM_OF_RESERVED_CPU; applies to "auto" binding). None: 0 on a machine with at most
     2 usable cores (the model gets them all: 1.3-1.6x the throughput at concurrency 32 on 2
-    cores, 0.9-1.2x at 1), vLLM's default (1) on larger ones; a value already in the environment
-    is kept. See instructloop/hardware.py."""
+    cores, 1.1-1.2x at 1, with the short OpenMP spin `instructloop serve` sets for it), vLLM's
+    default (1) on larger ones; a value already in the environment is kept. See
+    instructloop/hardware.py."""
     enforce_eager: bool | None = None
     """None: True on the CPU backend (torch.compile takes minutes on a small CPU), else False."""
     enable_chunked_prefill: bool | None = None

