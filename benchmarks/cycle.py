@@ -2,10 +2,11 @@
 
 A replica (`instructloop serve`, following the registry) serves the default model from a durable
 Redis. Simulated labellers ask it for K = 4 candidates on verifiable-instruction prompts
-(training/data/constraints.py) over gRPC and rank them by constraints met
+(training/data/constraints.py) over gRPC and rank them as the simulated users judge
 (training/data/simulated_labeler.py, ties kept) with SubmitRanking. Then one cycle runs on a real
 `instructloop worker` (`instructloop cycle run --wait`): snapshot -> reward model -> PPO-ptx ->
-evaluate -> gate -> promote, with the stage defaults unless `--set` says otherwise. Reported: the
+evaluate -> gate -> promote, with the cycle's default recipe (training/recipes.py) unless `--set`
+says otherwise. Reported: the
 seconds of each step (from the cycle record), the whole cycle, and the time from the promotion
 until the replica served the candidate; the gate's figures beside.
 
@@ -71,7 +72,7 @@ async def collect_feedback(port: int, n_prompts: int, max_tokens: int, seed: int
             )  # fmt: skip
             texts = [c.text for c in resp.choices]
             r = rank(p, texts)
-            order = sorted(range(K), key=lambda j: -r.scores[r.responses.index(texts[j])])
+            order = sorted(range(K), key=lambda j: r.ranks[r.responses.index(texts[j])])
             ranks = [r.ranks[r.responses.index(texts[j])] for j in order]
             if len(set(ranks)) == 1:
                 return  # all tied: teaches nothing, a labeller would skip it

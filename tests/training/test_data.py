@@ -7,26 +7,35 @@ that the arguments we give them mean what we think (pass and fail on hand-writte
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from training.data.constraints import (
     DEFAULT_INSTRUCTIONS,
+    HELDOUT_ONLY_INSTRUCTIONS,
+    PHRASINGS,
     SUBJECTS,
+    TASK_SET,
     ConstraintConfig,
     ConstraintPrompt,
     IFEvalAccuracy,
     accuracy,
+    describe,
     follows,
     generate_prompts,
     load_prompts,
     make_prompt,
     paired_gain,
+    per_instruction_accuracy,
+    phrasing_split,
+    phrasings,
     save_prompts,
     score,
     split_of,
     subjects,
+    tasks,
 )
 from training.data.demonstrations import pick_demonstration
 from training.data.generation import Completion
@@ -76,6 +85,102 @@ def test_prompts_use_1_to_3_compatible_constraints() -> None:
     assert used == set(DEFAULT_INSTRUCTIONS)
 
 
+def test_heldout_shares_no_template_subject_or_phrasing_with_train() -> None:
+    """Held-out prompts are new in every part a policy could memorise: subject, task wording,
+    constraint wording, and (for some) the kind of constraint. Checked on the text itself, not
+    only on the metadata the generator records."""
+    train = generate_prompts(400, "train", seed=0)
+    held = generate_prompts(300, "heldout", seed=0)
+
+    train_templates = {p.task for p in train}
+    assert train_templates <= {t.template for t in tasks("train")}
+    assert {p.task for p in held} <= {t.template for t in tasks("heldout")}
+    assert not train_templates & {p.task for p in held}
+    # Whole task families training never sees.
+    assert {t.family for t in tasks("heldout")} - {t.family for t in tasks("train")}
+    assert {task.family for task in TASK_SET if task.template in {p.task for p in held}} - {
+        task.family for task in TASK_SET if task.template in train_templates
+    }
+
+    train_subjects = {p.subject for p in train}
+    held_subjects = {p.subject for p in held}
+    assert not train_subjects & held_subjects
+
+    def mentions(text: str, subject: str) -> bool:
+        return re.search(rf"\b{re.escape(subject)}\b", text, flags=re.IGNORECASE) is not None
+
+    train_phrasings = {k for p in train for k in p.phrasings}
+    assert not train_phrasings & {k for p in held for k in p.phrasings}
+    for p in held:
+        assert p.prompt.startswith(p.task.format(s=p.subject))
+        # No training template, worded with this prompt's subject, appears in it.
+        assert not any(t.format(s=p.subject) in p.prompt for t in train_templates), p.prompt
+        assert not any(mentions(p.prompt, s) for s in train_subjects), p.prompt
+        for iid, kw, key in zip(p.instruction_ids, p.kwargs, p.phrasings, strict=True):
+            assert phrasing_split(key) == "heldout"
+            # No training phrasing of this instruction, with these arguments, appears in it.
+            for tk in phrasings(iid, "train"):
+                assert describe(iid, kw, tk) not in p.prompt, (tk, p.prompt)
+    for p in train:
+        assert not any(mentions(p.prompt, s) for s in held_subjects), p.prompt
+        assert {phrasing_split(k) for k in p.phrasings} == {"train"}
+
+    # Families only held out, while every family training has is measured held out too.
+    held_ids = {i for p in held for i in p.instruction_ids}
+    train_ids = {i for p in train for i in p.instruction_ids}
+    assert (
+        set(HELDOUT_ONLY_INSTRUCTIONS) <= held_ids
+        and not set(HELDOUT_ONLY_INSTRUCTIONS) & train_ids
+    )
+    assert train_ids <= held_ids
+    only = sum(any(i in HELDOUT_ONLY_INSTRUCTIONS for i in p.instruction_ids) for p in held)
+    assert 0 < only / len(held) < 0.35  # most of the held-out set measures trained families
+
+
+def test_prompts_vary_their_wording() -> None:
+    ps = generate_prompts(300, "train", seed=2)
+    assert len({p.task for p in ps}) == len(tasks("train"))
+    for iid in DEFAULT_INSTRUCTIONS:
+        used = {
+            k for p in ps for i, k in zip(p.instruction_ids, p.phrasings, strict=True) if i == iid
+        }
+        assert len(used) >= 3, iid
+    # Both sides of the two-sided families.
+    ids = [i for p in ps for i in p.instruction_ids]
+    assert "change_case:english_capital" in ids and "change_case:english_lowercase" in ids
+    relations = {
+        (i, k["relation"])
+        for p in ps
+        for i, k in zip(p.instruction_ids, p.kwargs, strict=True)
+        if "relation" in k
+    }
+    assert relations == {(i, r) for i in ("keywords:frequency", "length_constraints:number_words")
+                         for r in ("less than", "at least")}  # fmt: skip
+
+
+def test_prompt_ids_are_functions_of_the_content() -> None:
+    for p in generate_prompts(50, "heldout", seed=5):
+        again = make_prompt(p.task, p.subject, p.instruction_ids, p.kwargs, phrasings=p.phrasings)
+        assert again == p
+        assert ConstraintPrompt.from_json(json.loads(json.dumps(p.to_json()))) == p
+    # A row written before prompts recorded their task and phrasings still loads.
+    old = {k: v for k, v in p.to_json().items() if k not in ("task", "phrasings")}
+    assert ConstraintPrompt.from_json(old).phrasings == ()
+
+
+def test_per_instruction_accuracy_by_hand() -> None:
+    p1 = make_prompt("Describe {s}.", "snow",
+                     ["punctuation:no_comma", "detectable_format:title"], [{}, {}])  # fmt: skip
+    p2 = make_prompt("Describe {s}.", "tea", ["punctuation:no_comma"], [{}])
+    got = per_instruction_accuracy([p1, p2], ["<<snow>>\nIt is white, cold.", "Tea is hot."])
+    assert got == {
+        "detectable_format:title": {"n": 1, "met": 1, "accuracy": 1.0},
+        "punctuation:no_comma": {"n": 2, "met": 1, "accuracy": 0.5},
+    }
+    with pytest.raises(ValueError, match="answers"):
+        per_instruction_accuracy([p1], [])
+
+
 def test_bad_config_and_args_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown"):
         ConstraintConfig(instructions=("no:such_checker",))
@@ -85,6 +190,10 @@ def test_bad_config_and_args_are_refused() -> None:
         generate_prompts(3, "test")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="responses"):
         accuracy(generate_prompts(2, "train"), ["only one"])
+    with pytest.raises(ValueError, match="phrasings"):
+        ConstraintConfig(instructions=("language:response_language",))
+    with pytest.raises(ValueError, match="also be in"):
+        ConstraintConfig(heldout_only_instructions=("punctuation:no_comma",))
 
 
 def test_save_and_load_round_trip(tmp_path: Path) -> None:
@@ -135,10 +244,38 @@ CASES: list[tuple[str, dict, str, str]] = [
     ("startend:quotation", {},
      '"Forests are full of life."',
      "Forests are full of life."),
+    ("change_case:english_capital", {},
+     "THE MOON IS BRIGHT TONIGHT AND THE SKY IS CLEAR OVER THE QUIET TOWN.",
+     "The moon is bright tonight and the sky is clear over the quiet town."),
+    ("keywords:frequency", {"keyword": "river", "frequency": 3, "relation": "at least"},
+     "The river bends. The river shines. The river sleeps.",
+     "The river bends and shines."),
+    ("keywords:frequency", {"keyword": "really", "frequency": 2, "relation": "less than"},
+     "It is really good.",
+     "It is really good and really warm."),
+    ("length_constraints:number_paragraphs", {"num_paragraphs": 2},
+     "Tea is warm.\n\n***\n\nIt calms the mind.",
+     "Tea is warm.\n\nIt calms the mind."),
+    ("detectable_format:number_highlighted_sections", {"num_highlights": 2},
+     "Tea is *warm* and *calming*.",
+     "Tea is *warm* and calming."),
+]  # fmt: skip
+
+# Checkers only held-out prompts use.
+HELDOUT_CASES: list[tuple[str, dict, str, str]] = [
+    ("detectable_content:number_placeholders", {"num_placeholders": 2},
+     "Dear [name], meet me at [place] for tea.",
+     "Dear friend, meet me at the cafe for [drink]."),
+    ("detectable_format:multiple_sections", {"section_spliter": "SECTION", "num_sections": 2},
+     "SECTION 1\nTea is warm.\nSECTION 2\nIt calms the mind.",
+     "Tea is warm.\nSection 1 is about calm."),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("iid", "kwargs", "good", "bad"), CASES, ids=[c[0] for c in CASES])
+ALL_CASES = CASES + HELDOUT_CASES
+
+
+@pytest.mark.parametrize(("iid", "kwargs", "good", "bad"), ALL_CASES, ids=[c[0] for c in ALL_CASES])
 def test_each_checker_passes_and_fails_by_hand(iid: str, kwargs: dict, good: str, bad: str) -> None:
     p = make_prompt("Write about {s}.", "tea", [iid], [kwargs])
     assert follows(p, good) == [True]
@@ -148,6 +285,73 @@ def test_each_checker_passes_and_fails_by_hand(iid: str, kwargs: dict, good: str
 
 def test_every_default_checker_is_covered_by_a_case() -> None:
     assert {c[0] for c in CASES} == set(DEFAULT_INSTRUCTIONS)
+    assert {c[0] for c in HELDOUT_CASES} == set(HELDOUT_ONLY_INSTRUCTIONS)
+
+
+def _says_its_arguments(text: str, kwargs: dict) -> bool:
+    """Does an instruction's text name every argument its checker tests?"""
+    numbers = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+    def spelled(n: int) -> set[str]:
+        return {str(n), numbers[n]} if n < len(numbers) else {str(n)}
+
+    relation_words = {
+        "less than": ("fewer than", "less than", "under", "at most", "not even"),
+        "at least": ("at least", "or more", "no fewer than"),
+    }
+    for key, v in kwargs.items():
+        if key == "relation":
+            if not any(w in text for w in relation_words[v]):
+                return False
+        elif isinstance(v, int):
+            said = spelled(v)
+            if kwargs.get("relation") == "less than":
+                said |= spelled(v - 1) | {"once"}  # "fewer than 2 times" may read "at most once"
+            if not any(re.search(rf"\b{w}\b", text) for w in said):
+                return False
+        elif isinstance(v, list):
+            if not all(w in text for w in v):
+                return False
+        elif v not in text:
+            return False
+    return True
+
+
+PHRASED_CASES = [
+    (iid, kwargs, good, bad, key)
+    for iid, kwargs, good, bad in ALL_CASES
+    for split in ("train", "heldout")
+    for key in phrasings(iid, split)
+]
+
+
+@pytest.mark.parametrize(
+    ("iid", "kwargs", "good", "bad", "key"), PHRASED_CASES, ids=[c[4] for c in PHRASED_CASES]
+)
+def test_every_phrasing_keeps_the_checker_and_says_its_arguments(
+    iid: str, kwargs: dict, good: str, bad: str, key: str
+) -> None:
+    """A paraphrase changes the words, not the check: the same arguments reach lm-eval's checker
+    (pass and fail as with IFEval's text), and the text names each of them."""
+    p = make_prompt("Write about {s}.", "tea", [iid], [kwargs], phrasings=[key])
+    assert p.prompt.startswith("Write about tea. ") and p.phrasings == (key,)
+    assert follows(p, good) == [True]
+    assert follows(p, bad) == [False]
+    assert _says_its_arguments(describe(iid, kwargs, key), kwargs), describe(iid, kwargs, key)
+
+
+def test_each_instruction_has_train_and_heldout_phrasings() -> None:
+    for iid in (*DEFAULT_INSTRUCTIONS, *HELDOUT_ONLY_INSTRUCTIONS):
+        train, held = phrasings(iid, "train"), phrasings(iid, "heldout")
+        assert len(train) >= 3 and len(held) >= 2, iid
+        assert {phrasing_split(k) for k in train} == {"train"}
+        assert {phrasing_split(k) for k in held} == {"heldout"}
+        texts = [t for side in PHRASINGS[iid] for t in side]
+        assert len(set(texts)) == len(texts), iid
+    with pytest.raises(ValueError, match="phrasing"):
+        describe("punctuation:no_comma", {}, "detectable_format:title/train/0")
+    with pytest.raises(ValueError, match="phrasing"):
+        describe("punctuation:no_comma", {}, "punctuation:no_comma/train/99")
 
 
 def test_descriptions_are_ifeval_text() -> None:
@@ -265,16 +469,19 @@ def test_export_rows_follow_the_interface(tmp_path: Path) -> None:
 
 def test_demonstration_is_shortest_passing_finished_sample() -> None:
     p = _three_constraint_prompt()
-    good_long = "<<moon>>\nThe moon is bright and round and high. That is all."
-    good_short = "<<moon>>\nBright moon. That is all."
+    good_long = "<<moon>>\nThe moon is bright and round and high above the quiet town. That is all."
+    good_short = "<<moon>>\nThe moon is bright and round and high tonight. That is all."
     cs = [
         Completion("t", "The moon, so bright.", True, 6),
-        Completion("t", good_long, True, 16),
-        Completion("t", good_short, False, 9),  # cut at max_tokens: not a demonstration
+        Completion("t", good_long, True, 20),
+        Completion("t", good_short, False, 16),  # cut at max_tokens: not a demonstration
     ]
     assert pick_demonstration(p, cs).text == good_long  # type: ignore[union-attr]
     assert pick_demonstration(p, cs, require_eos=False).text == good_short  # type: ignore[union-attr]
     assert pick_demonstration(p, cs[:1]) is None
+    # Meeting every check is not enough: a near-empty answer is no demonstration to imitate.
+    bare = Completion("t", "<<moon>>\nBright moon. That is all.", True, 9)
+    assert pick_demonstration(p, [*cs, bare]).text == good_long  # type: ignore[union-attr]
 
 
 def test_paired_gain_points_are_exact_at_a_target_boundary() -> None:

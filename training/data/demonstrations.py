@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.data.constraints import ConstraintPrompt, score
+from training.data.constraints import ConstraintPrompt
 from training.data.generation import Completion, Sampler
+from training.data.simulated_users import judge
 
 
 @dataclass(frozen=True)
@@ -45,13 +46,15 @@ class DemonstrationSet:
 def pick_demonstration(
     prompt: ConstraintPrompt, completions: Sequence[Completion], *, require_eos: bool = True
 ) -> Completion | None:
-    """The shortest completion that meets all the prompt's constraints (and ended on EOS)."""
-    ok = [
-        c
-        for c in completions
-        if (c.stopped or not require_eos)
-        and score(prompt, c.text)[0] == len(prompt.instruction_ids)
-    ]
+    """The shortest completion that meets all the prompt's constraints (and ended on EOS), and
+    that the simulated users find nothing wrong with: no formatting nobody asked for, not
+    degenerate (the shortest passing sample is otherwise often a near-empty one)."""
+
+    def clean(text: str) -> bool:
+        j = judge(prompt, text)
+        return j.met == len(prompt.instruction_ids) and not j.unrequested and not j.is_degenerate
+
+    ok = [c for c in completions if (c.stopped or not require_eos) and clean(c.text)]
     return min(ok, key=lambda c: c.n_tokens) if ok else None
 
 

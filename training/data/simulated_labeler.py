@@ -1,10 +1,12 @@
-"""A simulated labeller: ranks K responses to a constraint prompt by how many constraints they meet.
+"""A simulated labeller: ranks K responses to a constraint prompt as a simulated user judges them.
 
 It stands in for the paper's human labellers (§3.4) in the learning benchmark and in tests: given
-K samples of one prompt, it orders them by IFEval instructions followed, best first. Equal counts
-are a tie (equal rank), broken by nothing, so ties reach the reward model as ties. Its output is
-the service's export layout (docs/INTERFACES.md), so the training stages read simulated and real
-feedback the same way.
+K samples of one prompt, it orders them by quality, best first: the IFEval instructions followed,
+less a penalty for each formatting feature nobody asked for, with degenerate answers (far too
+short, off the subject, repeating themselves) below every other (training/data/simulated_users.py
+says how the parts combine). Equal quality is a tie (equal rank), broken by nothing, so ties reach
+the reward model as ties. Its output is the service's export layout (docs/INTERFACES.md), so the
+training stages read simulated and real feedback the same way.
 """
 
 from __future__ import annotations
@@ -18,19 +20,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data.constraints import ConstraintPrompt, score
+from training.data.constraints import ConstraintPrompt
+from training.data.simulated_users import Judgement, judge
 
 SIMULATED_USER = "simulated-labeller"
 
 
 @dataclass(frozen=True)
 class Ranking:
-    """K responses of one prompt, best first, with dense ranks (equal rank = tie)."""
+    """K responses of one prompt, best first, with dense ranks (equal rank = tie).
+
+    `scores` are the constraints each response met; the order and the ranks follow `quality`
+    (constraints met less penalties), so sort by `ranks` or `quality`, not by `scores`.
+    """
 
     prompt: ConstraintPrompt
     responses: tuple[str, ...]
     ranks: tuple[int, ...]
     scores: tuple[int, ...]  # constraints met, per response (same order)
+    quality: tuple[float, ...] = ()  # the simulated user's quality, per response (same order)
+    judgements: tuple[Judgement, ...] = ()  # each response's judgement, with its parts
 
     @property
     def all_tied(self) -> bool:
@@ -38,21 +47,24 @@ class Ranking:
 
 
 def rank(prompt: ConstraintPrompt, responses: Sequence[str]) -> Ranking:
-    """Order `responses` by constraints met, most first; equal counts share a rank (1, 1, 2, ...).
+    """Order `responses` by the simulated user's quality, best first; equal quality shares a
+    rank (1, 1, 2, ...).
 
     The sort is stable, so tied responses keep their sampled order: the order within a tie means
     nothing, and the ranks say so.
     """
     if len(responses) < 2:
         raise ValueError(f"a ranking needs K >= 2 responses, got {len(responses)}")
-    met = [score(prompt, r)[0] for r in responses]
-    order = sorted(range(len(responses)), key=lambda i: -met[i])
-    distinct = sorted(set(met), reverse=True)
+    js = [judge(prompt, r) for r in responses]
+    order = sorted(range(len(responses)), key=lambda i: -js[i].quality)
+    distinct = sorted({j.quality for j in js}, reverse=True)
     return Ranking(
         prompt=prompt,
         responses=tuple(responses[i] for i in order),
-        ranks=tuple(distinct.index(met[i]) + 1 for i in order),
-        scores=tuple(met[i] for i in order),
+        ranks=tuple(distinct.index(js[i].quality) + 1 for i in order),
+        scores=tuple(js[i].met for i in order),
+        quality=tuple(js[i].quality for i in order),
+        judgements=tuple(js[i] for i in order),
     )
 
 
