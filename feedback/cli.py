@@ -6,21 +6,20 @@ Imports stay inside the handlers so `instructloop --help` stays quick.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def _export(args: argparse.Namespace) -> int:
     from feedback.config import StoreConfig
     from feedback.errors import FeedbackError
     from feedback.export import export_snapshot
+    from instructloop.running import resolve_redis_url
 
+    redis_url, _ = resolve_redis_url(args.redis_url)
     try:
         m = export_snapshot(
-            args.redis_url,
+            redis_url,
             args.out,
             config=StoreConfig(key_prefix=args.prefix),
             since_snapshot=args.since,
@@ -61,8 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     ex.add_argument(
         "--redis-url",
-        default=os.environ.get("REDIS_URL", DEFAULT_REDIS_URL),
-        help="Redis holding the feedback (default: $REDIS_URL or %(default)s)",
+        default=None,
+        help="Redis holding the feedback (default: $REDIS_URL, else the running "
+        "`instructloop up`'s, else redis://127.0.0.1:6379/0)",
     )
     ex.add_argument(
         "--since",

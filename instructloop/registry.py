@@ -17,12 +17,15 @@ Key layout (prefix `p`, default "il:"):
 - `p models:fp`              hash: "<path>\\n<fingerprint>" -> version (idempotent register)
 - `p models:live`            hash: version, since (when it went live)
 - `p models:history`         list: previously live versions, most recent first
+- `p models:replicas`        hash: replica id -> JSON of what it serves, reported every few
+                             seconds by each running server (stale entries are ignored)
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,6 +205,28 @@ def _parse_version(h: dict[Any, Any], m: dict[Any, Any]) -> ModelVersion:
     )
 
 
+REPLICA_STALE_S = 30.0
+"""A replica report older than this is from a replica that stopped or lost Redis."""
+
+
+def _fresh_replica(
+    raw: Any, now: float, max_age_s: float = REPLICA_STALE_S
+) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(_s(raw))
+    except ValueError:
+        return None
+    if not isinstance(doc, dict) or now - float(doc.get("reported_at", 0)) > max_age_s:
+        return None
+    return doc
+
+
+def _fresh_replicas(raw: dict[Any, Any], max_age_s: float) -> list[dict[str, Any]]:
+    now = time.time()
+    docs = (_fresh_replica(v, now, max_age_s) for v in raw.values())
+    return sorted((d for d in docs if d is not None), key=lambda d: str(d.get("replica_id")))
+
+
 def _check_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
     out: dict[str, float] = {}
     for k, v in (metrics or {}).items():
@@ -233,6 +258,7 @@ class _Layout:
         self.live = f"{prefix}models:live"
         self.history = f"{prefix}models:history"
         self.events = f"{prefix}models:events"
+        self.replicas = f"{prefix}models:replicas"
 
     def version(self, v: str) -> str:
         return f"{self.prefix}models:v:{v}"
@@ -373,6 +399,11 @@ class ModelRegistry:
         """Previously live versions, most recent first (what rollback walks back through)."""
         return [_s(v) for v in self._call(self.client.lrange, self.keys.history, 0, -1)]
 
+    def replicas(self, max_age_s: float = REPLICA_STALE_S) -> list[dict[str, Any]]:
+        """The serving replicas that reported within `max_age_s`, by id (see report_replica)."""
+        raw = self._call(self.client.hgetall, self.keys.replicas)
+        return _fresh_replicas(raw, max_age_s)
+
     def promote(self, version: str, *, force: bool = False) -> ModelVersion:
         """Make `version` live (the current live one goes onto the history) and announce it.
 
@@ -448,6 +479,23 @@ class AsyncModelRegistry:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+    async def report_replica(self, replica_id: str, info: dict[str, Any]) -> None:
+        """A serving replica says what it serves (every few seconds while it runs), so that
+        `instructloop status` lists the replicas and their versions. Reports older than
+        REPLICA_STALE_S are ignored by readers and removed by the next report."""
+        now = time.time()
+        doc = json.dumps({**info, "replica_id": replica_id, "reported_at": now})
+        raw = await self._call(self.client.hgetall(self.keys.replicas))
+        gone = [k for k, v in raw.items() if _s(k) != replica_id and not _fresh_replica(v, now)]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(self.keys.replicas, replica_id, doc)
+        if gone:
+            pipe.hdel(self.keys.replicas, *gone)
+        await self._call(pipe.execute())
+
+    async def remove_replica(self, replica_id: str) -> None:
+        await self._call(self.client.hdel(self.keys.replicas, replica_id))
 
     async def _call(self, coro: Any) -> Any:
         try:

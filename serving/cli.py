@@ -339,9 +339,11 @@ def _stop_loop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     """Everything on one machine: Redis (unless REDIS_URL), the default model, the server."""
+    from instructloop.memory import GPU_SERVING_SHARE_WITH_TRAINING
     from instructloop.model_init import ModelInitError, init_default_model
     from instructloop.paths import data_dir, default_model_dir
     from instructloop.redis_server import RedisProcess, is_reachable
+    from instructloop.running import RunningLoop, remove_running, write_running
     from serving.config import ConfigError
 
     _logging()
@@ -367,23 +369,53 @@ def _up(args: argparse.Namespace) -> int:
             except ModelInitError as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
-        cfg = _config_from_args(args, redis_url=redis_url)
+        extra: dict[str, Any] = {"redis_url": redis_url}
+        if not args.no_loop and args.gpu_memory_utilization is None:
+            # On one GPU the training stages share it (instructloop/memory.py); no effect on
+            # the CPU backend, whose cache comes from the memory plan.
+            extra["gpu_memory_utilization"] = GPU_SERVING_SHARE_WITH_TRAINING
+        cfg = _config_from_args(args, **extra)
         cfg.validate()
         if not args.no_loop:
             loop_procs = _start_loop(redis_url, args.worker_metrics_port, omp_env)
 
         def ready(server: Any) -> None:
-            _say(f"data directory: {data_dir()}")
+            metrics_url = (
+                f"http://{cfg.metrics_host}:{server.metrics.port}/metrics"
+                if server.metrics.port
+                else None
+            )
+            worker_url = (
+                f"http://127.0.0.1:{args.worker_metrics_port}/metrics"
+                if loop_procs and args.worker_metrics_port
+                else None
+            )
+            record = write_running(
+                RunningLoop(
+                    pid=os.getpid(),
+                    started_at=time.time(),
+                    redis_url=redis_url,
+                    grpc=server.address,
+                    metrics_url=metrics_url,
+                    worker_metrics_url=worker_url,
+                    key_prefix=cfg.key_prefix,
+                    memory=server.engine.memory_plan,
+                )
+            )
+            _say(f"data directory: {data_dir()}  (the other verbs find this loop in {record})")
             _say(f"gRPC: {server.address}  (grpcurl -plaintext {server.address} list)")
-            if server.metrics.port:
-                _say(f"metrics: http://{cfg.metrics_host}:{server.metrics.port}/metrics")
+            if metrics_url:
+                _say(f"metrics: {metrics_url}")
             _say(f"model: {server.model.version} {server.model.path}")
+            _say("next: `instructloop status` shows the loop; `instructloop cycle run --wait` "
+                 "starts a cycle now")  # fmt: skip
 
         return run_event_loop(_run_server(cfg, on_ready=ready), cfg.event_loop)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
+        remove_running(os.getpid())
         _stop_loop(loop_procs)
         if redis_proc is not None:
             _say("redis: stopping")

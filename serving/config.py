@@ -12,7 +12,9 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from instructloop.memory import MemoryPlanError, serving_kv_cache_gib
+from instructloop.running import DEFAULT_REDIS_URL
+
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MiB = 1024 * 1024
 
@@ -73,7 +75,9 @@ class ServerConfig:
     except float32 on a CPU without native bf16 (AVX2-only: 4.7x faster there); see
     instructloop/hardware.py. A swapped-in checkpoint is loaded into the running dtype."""
     cpu_kvcache_space_gib: float | None = None
-    """KV-cache size on the CPU backend (sets VLLM_CPU_KVCACHE_SPACE); None: vLLM's default."""
+    """KV-cache size on the CPU backend in whole GiB (sets VLLM_CPU_KVCACHE_SPACE). None: the
+    memory plan's (instructloop/memory.py): $INSTRUCTLOOP_KV_CACHE_GIB, else a twelfth of RAM,
+    so that training on the same machine has room; never vLLM's own 90% of RAM."""
     cpu_omp_threads_bind: str | None = None
     """CPU cores of the engine's OpenMP threads on the CPU backend (sets
     VLLM_CPU_OMP_THREADS_BIND, e.g. "0-3"); None: vLLM's "auto", which on a small machine puts
@@ -217,8 +221,10 @@ class ServerConfig:
             raise ConfigError("tensor_parallel_size must be at least 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError("gpu_memory_utilization must be in (0, 1]")
-        if self.cpu_kvcache_space_gib is not None and self.cpu_kvcache_space_gib <= 0:
-            raise ConfigError("cpu_kvcache_space_gib must be positive")
+        try:
+            serving_kv_cache_gib(self.cpu_kvcache_space_gib)
+        except MemoryPlanError as e:
+            raise ConfigError(f"cpu_kvcache_space_gib: {e}") from e
         if self.cpu_reserved_cores is not None and self.cpu_reserved_cores < 0:
             raise ConfigError("cpu_reserved_cores must not be negative")
         if self.swap_drain_timeout_s < 0 or self.swap_retry_s < 0:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from instructloop.hardware import RESERVED_CORES_ENV, engine_reserved_cores
+from instructloop.memory import plan_cpu_serving
 from serving.config import ServerConfig
 
 log = logging.getLogger("instructloop.serving.engine")
@@ -222,6 +223,8 @@ class Engine:
         self._state_lock = asyncio.Lock()
         self._restarting = False
         self.started_at: float | None = None
+        self.memory_plan: dict[str, float] = {}
+        """What this engine was given (GiB of KV cache on the CPU, a GPU share on CUDA)."""
         self.serving_since: float = time.time()
         """When this engine began serving `model_version` (start or last swap)."""
         # Hot swap bookkeeping (see the module docstring).
@@ -277,8 +280,15 @@ class Engine:
         env: dict[str, str] = {}
         if self.config.cpu_omp_threads_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.config.cpu_omp_threads_bind
-        if self.config.cpu_kvcache_space_gib is not None:
-            env["VLLM_CPU_KVCACHE_SPACE"] = f"{self.config.cpu_kvcache_space_gib:g}"
+        if is_cpu_backend():
+            # Never vLLM's own default on the CPU (90% of RAM): a cache from the memory plan,
+            # so training beside this server has room (instructloop/memory.py).
+            plan = plan_cpu_serving(self.config.cpu_kvcache_space_gib)
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(plan.serving_kv_cache_gib)
+            self.memory_plan = plan.to_dict()
+            progress(plan.describe())
+        else:
+            self.memory_plan = {"gpu_memory_utilization": self.config.gpu_memory_utilization}
         reserved = engine_reserved_cores(self.config.cpu_reserved_cores)
         if reserved is not None and is_cpu_backend():
             env[RESERVED_CORES_ENV] = str(reserved)

@@ -22,6 +22,7 @@ import contextlib
 import hmac
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ from serving.metrics import ServerMetrics
 log = logging.getLogger("instructloop.serving")
 _STOP_STEP_S = 5.0
 """How long stop() waits for each background task set and Redis client to finish."""
+REPLICA_REPORT_S = 5.0
+"""How often a replica reports what it serves (instructloop/registry.py: report_replica)."""
 
 ROLES = ("system", "user", "assistant")
 MAX_SEED = 2**63 - 1
@@ -946,6 +949,7 @@ class InstructloopServer:
             self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         await self._set_serving(True)
         self._tasks.append(asyncio.create_task(self._watch_engine_stats()))
+        self._tasks.append(asyncio.create_task(self._report_replica()))
         if self._own_engine:
             self._tasks.append(
                 asyncio.create_task(
@@ -1001,6 +1005,25 @@ class InstructloopServer:
                 self.metrics.engine_restarts.inc(self.engine.restarts - restarts)
                 restarts = self.engine.restarts
 
+    async def _report_replica(self) -> None:
+        """Tell the registry what this replica serves, every REPLICA_REPORT_S, for `instructloop
+        status` (a Redis error only skips a report)."""
+        while True:
+            info = {
+                "version": self.model.version,
+                "address": self.address,
+                "pid": os.getpid(),
+                "follows_live": self.config.follows_live,
+                "serving_since": self.serving_since,
+                "engine_up": self.engine.alive,
+                "swap_error": self.swapper.last_error if self.swapper else None,
+            }
+            try:
+                await self.registry.report_replica(self.config.replica_id, info)
+            except Exception as e:
+                log.debug("replica report failed: %s", e)
+            await asyncio.sleep(REPLICA_REPORT_S)
+
     async def _watch_engine_stats(self) -> None:
         aborted = self.engine.stats.aborted_requests
         while True:
@@ -1036,6 +1059,8 @@ class InstructloopServer:
             await self._server.stop(grace)
             self._server = None
         self.metrics.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.registry.remove_replica(self.config.replica_id), 2.0)
         if self._own_engine and self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
         for close in (self.store.close, self.registry.close):
