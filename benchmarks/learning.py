@@ -33,21 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from training.recipes import DEFAULT_RECIPE, recipe
+
 RESULTS = Path(__file__).parent / "results"
 PTX_TRAIN = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_train.jsonl"
 PTX_HELDOUT = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_heldout.jsonl"
-
-
-def _train_precision() -> str:
-    """bf16 autocast where the CPU computes bf16 natively (AMX or AVX512-BF16) or on CUDA;
-    float32 elsewhere. PPO samples/s (benchmarks.ppo_speed, ours): 1.5x on the AMX Xeon
-    (2026-12-02), 0.602 vs 0.364 (1.65x) on an AVX512-BF16 EPYC (2026-12-04); emulated bf16
-    on an AVX2-only EPYC was several times slower than float32."""
-    from training.common import cpu_native_bf16
-
-    if cpu_native_bf16():
-        return "bf16"
-    return "auto"  # bf16 on CUDA, float32 on the CPU
 
 
 @dataclass
@@ -78,59 +68,14 @@ class LearningConfig:
     """Length limit of the ranked samples (= PPO's max_new_tokens)."""
     eval_max_tokens: int = 96
     """Length limit of the greedy evaluation answers."""
-    rm: dict[str, Any] = field(
-        default_factory=lambda: {
-            # 2026-12-03, 2-core Xeon (188 train / 43 val groups, K = 8): the top 10 of 30
-            # layers at lr 1e-4 (head 1e-3) for 3 epochs reached 0.76 held-out accuracy, the
-            # full model at 3e-5 for 1 epoch 0.62. These defaults on a 2-core EPYC: 0.80 on
-            # 514 held-out pairs in 22 min (float32). 2 epochs, not 3, since 2026-12-05: the RM
-            # took 19-24 min of the 60 (3 epochs); 2 epochs on a Zen 4 EPYC, seed 1: 0.719 on
-            # 595 pairs in 15.0 min (3 epochs, same seed on the Xeon: 0.704), PPO-ptx +11.5.
-            "epochs": 2,
-            "batch_size": 8,
-            "grad_accum": 4,  # 8 groups of 8 at once did not fit in 24 GB
-            "lr": 1e-4,
-            "head_lr": 1e-3,
-            "max_length": 320,
-            "trainable_layers": 10,
-            "mixed_precision": _train_precision(),
-        }
-    )
-    """RewardModelConfig overrides (paper: 1 epoch, lr 9e-6, batch 64 on a 6B model)."""
-    ppo: dict[str, Any] = field(
-        default_factory=lambda: {
-            # 32 steps of 32. With the missing-EOS penalty (below) lr 3e-5 and 5e-5 gained more
-            # than 2e-5 only by collapsing answers (20 and 12-22 words by step 32); without it,
-            # lr 2e-5 gained +11.5 (seed 0) and +9.0 (seed 1), lr 3e-5 +11.5 (seed 0, 34-word
-            # answers) and +16.5 (seed 1, 43 words) at step 32 (Xeon, 2026-12-05,
-            # benchmarks/HISTORY.md).
-            # Clip fraction and approx. KL per update stay small (< 1%, ~0.001).
-            "total_episodes": 1024,
-            "batch_size": 32,
-            "minibatch_size": 16,
-            "ppo_epochs": 2,
-            "lr": 3e-5,
-            "critic_lr": 3e-5,
-            "warmup_steps": 2,
-            # β above the paper's 0.02: at 0.02 and γ_ptx = 0 the policy collapsed into what the
-            # small RM over-rewards ("P.S. P.S. ...", bare titles; KL ~5 nats) within 60 steps.
-            "kl_coef": 0.05,
-            # The paper's 27.8 weighs a pretraining mix for 175B; here 0.5 already brought the
-            # held-out ptx loss below SFT's by step 20 (2.36 vs 3.29 nats/token, 2026-12-03).
-            "gamma_ptx": 0.5,
-            # No missing-EOS penalty: on normalised rewards PPOConfig's 1.0 is a whole RM
-            # standard deviation, taken from the 30-50% of early rollouts cut at 96 tokens, and
-            # it taught the policy to stop early. Same samples and RM (Xeon, 2026-12-05): with
-            # it +9.0 at step 32, answers 58 -> 25 words (29% under 8); without it +11.5,
-            # 43 words (12% under 8), and 20.6 instead of 26.4 min of PPO (partly the hour).
-            "missing_eos_penalty": 0.0,
-            "ptx_batch_size": 4,
-            "ptx_max_length": 192,
-            "trainable_layers": 10,
-            "mixed_precision": _train_precision(),
-        }
-    )
-    """PPOConfig overrides shared by both runs; gamma_ptx applies to the PPO-ptx run only."""
+    recipe: str = DEFAULT_RECIPE
+    """The reward-model and PPO-ptx settings: the cycle's own recipe (training/recipes.py), so
+    the benchmark measures what the product ships."""
+    rm: dict[str, Any] = field(default_factory=dict)
+    """RewardModelConfig overrides on top of the recipe's (an experiment, not the default)."""
+    ppo: dict[str, Any] = field(default_factory=dict)
+    """PPOConfig overrides on top of the recipe's, shared by both runs; gamma_ptx applies to the
+    PPO-ptx run only."""
     plain_ppo: bool = True
     """Also train plain PPO (γ_ptx = 0) for the alignment-tax comparison."""
     eval_steps: bool = False
@@ -313,6 +258,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             "overwrite": True,
             "seed": cfg.seed,
             "progress": False,
+            **recipe(cfg.recipe).reward_model_overrides(),
             **cfg.rm,
         },
     )
@@ -325,7 +271,8 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
 
     # -- 4. PPO-ptx and plain PPO
     runs: dict[str, Any] = {}
-    variants = [("ppo_ptx", cfg.ppo.get("gamma_ptx", 1.0))]
+    ppo_overrides = {**recipe(cfg.recipe).ppo_overrides(), **cfg.ppo}
+    variants = [("ppo_ptx", ppo_overrides.get("gamma_ptx", 1.0))]
     if cfg.plain_ppo:
         variants.append(("ppo", 0.0))
     for name, gamma_ptx in variants:
@@ -335,7 +282,7 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
             {
                 # ppo={"seed": N} varies PPO alone (rollouts, minibatch order), the data kept.
                 "seed": cfg.seed,
-                **cfg.ppo,
+                **ppo_overrides,
                 "gamma_ptx": gamma_ptx,
                 "policy_path": sft,
                 "reward_model_path": str(rm.path),
@@ -420,8 +367,8 @@ def run(cfg: LearningConfig) -> dict[str, Any]:
     # The recipe (issue 3: SFT policy -> RM -> PPO-ptx, evaluated) is what the 60 minutes are
     # for; plain PPO is a comparison run for the alignment tax. A resumed run counts the time
     # of the work, not of waiting.
-    recipe = ("sample_s", "rm_s", "ppo_ptx_s", "eval_sft_lm_loss_s", "eval_ppo_ptx_s")
-    recipe_total = sum(phases.get(k, 0.0) for k in recipe)
+    recipe_phases = ("sample_s", "rm_s", "ppo_ptx_s", "eval_sft_lm_loss_s", "eval_ppo_ptx_s")
+    recipe_total = sum(phases.get(k, 0.0) for k in recipe_phases)
     total = sum(phases.values())
 
     gain_points = gains["ppo_ptx"]["points"]

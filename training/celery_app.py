@@ -38,7 +38,8 @@ from typing import Any
 from celery import Celery, signals
 from celery.beat import Scheduler
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from instructloop.running import DEFAULT_REDIS_URL
+
 TICK_TASK = "training.loop.tick"
 
 
@@ -74,6 +75,11 @@ class LoopConfig:
     visibility_timeout_s + 2 * restore_interval_s + 60: a cycle whose worker crashed keeps the
     lock until its step is redelivered, so no other cycle starts in between."""
 
+    step_niceness: int = 19
+    """CPU niceness of the heavy steps' subprocesses (0-19): at 19 a server on the same cores
+    keeps its latency while a cycle trains, and training takes the cycles serving leaves
+    idle. Lower it on a machine that only trains."""
+
     heartbeat_s: float = 5.0
     """Period of lock renewal and of the cancel check while a step runs."""
 
@@ -95,6 +101,8 @@ class LoopConfig:
                 f"step_time_limit_s ({self.step_time_limit_s}): otherwise a step still running "
                 "is redelivered to another worker"
             )
+        if not 0 <= self.step_niceness <= 19:
+            raise ValueError(f"step_niceness must be in 0..19, got {self.step_niceness}")
         if self.restore_interval_s <= 0 or self.heartbeat_s <= 0 or self.beat_lock_ttl_s <= 0:
             raise ValueError("restore_interval_s, heartbeat_s and beat_lock_ttl_s must be > 0")
         if self.lock_ttl_s == 0:

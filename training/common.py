@@ -359,9 +359,16 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+PROGRESS_FILE_ENV = "INSTRUCTLOOP_PROGRESS_FILE"
+"""Set by the training cycle (training/cycle.py) for a stage it runs: the stage's MetricsLog
+keeps its latest step there, which the cycle copies into its record for `status`."""
+PROGRESS_EVERY_S = 2.0
+
+
 class MetricsLog:
     """Appends one JSON object per step to a JSONL file (flushed each line, so a crashed run
-    keeps its history) and mirrors a few numbers on a tqdm bar."""
+    keeps its history), mirrors a few numbers on a tqdm bar, and, under a training cycle, keeps
+    the latest step in the progress file ($INSTRUCTLOOP_PROGRESS_FILE)."""
 
     def __init__(self, path: str | Path, *, total: int, desc: str, progress: bool = True):
         from tqdm.auto import tqdm
@@ -370,7 +377,12 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = self.path.open("w", encoding="utf-8")
         self._t0 = time.time()
+        self.desc, self.total = desc, total
         self.bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr)
+        env = os.environ.get(PROGRESS_FILE_ENV)
+        self._progress_path = Path(env) if env else None
+        self._progress_at = 0.0
+        self._write_progress(0, {})
 
     def log(self, step: int, metrics: dict[str, Any], *, show: Sequence[str] = ()) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
@@ -378,6 +390,25 @@ class MetricsLog:
         self._f.flush()
         if show:
             self.bar.set_postfix({k: _fmt(metrics[k]) for k in show if k in metrics})
+        if time.time() - self._progress_at >= PROGRESS_EVERY_S or step >= self.total:
+            self._write_progress(step, {k: metrics[k] for k in ("epoch", *show) if k in metrics})
+
+    def _write_progress(self, step: int, figures: dict[str, Any]) -> None:
+        """Replace the progress file atomically (the cycle reads it while this runs)."""
+        if self._progress_path is None:
+            return
+        self._progress_at = time.time()
+        doc = {
+            "stage": self.desc,
+            "step": step,
+            "total": self.total,
+            "elapsed_s": round(self._progress_at - self._t0, 1),
+            **{k: _json_default(v) for k, v in figures.items()},
+        }
+        tmp = self._progress_path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self._progress_path)
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)

@@ -34,6 +34,7 @@ Redis keys (prefix `p`, default "il:"), all kept for good unless noted:
 | `p loop:rm`                | hash   | the last trained reward model: path, cycle, baseline   |
 | `p loop:last_started`      | string | when the last cycle started (the schedule trigger)     |
 | `p loop:beat`              | string | the active beat (TTL, renewed)                         |
+| `p loop:schedule`          | string | the active beat's triggers (JSON), for `status`        |
 """
 
 from __future__ import annotations
@@ -58,12 +59,25 @@ from typing import Any
 
 import redis
 
+from instructloop.memory import available_gib
 from training.locks import CycleLock, Holder, Lease, LockLost
+from training.recipes import DEFAULT_RECIPE, recipe
 
 STEPS: tuple[str, ...] = ("snapshot", "reward_model", "ppo", "evaluate", "gate", "promote")
 HEAVY_STEPS = frozenset({"reward_model", "ppo", "evaluate"})
 TERMINAL = frozenset({"promoted", "rejected", "failed", "cancelled"})
 RANKING_KINDS = ("comparison", "ranking")
+
+
+STEP_NICENESS = 19
+"""Heavy steps run at the lowest CPU priority: a server on the same cores keeps its latency,
+and training takes the cycles serving leaves idle."""
+OOM_SCORE_ADJ = 1000
+"""A heavy step is the kernel OOM killer's first choice (/proc/<pid>/oom_score_adj): if memory
+runs out after all, the training step dies (and fails its cycle), never the server."""
+PROGRESS_ENV = "INSTRUCTLOOP_PROGRESS_FILE"
+"""Where a stage subprocess writes its progress (training/common.py: MetricsLog)."""
+NICENESS_ENV = "INSTRUCTLOOP_STEP_NICENESS"
 
 
 class CycleError(Exception):
@@ -111,13 +125,23 @@ class CycleConfig:
     """Warm start of the first reward model (no earlier one recorded); None: the policy serving
     now (the reward model stage puts a scalar head on it; paper: the RM starts from SFT)."""
 
+    recipe: str = DEFAULT_RECIPE
+    """The reward-model and PPO-ptx settings for the model's size (training/recipes.py); the
+    default model's by default. `reward_model` and `ppo` below override single fields of it."""
+
     reward_model: dict[str, Any] = field(default_factory=dict)
-    """Overrides of training.config.RewardModelConfig (e.g. {"lr": 1e-5, "epochs": 1}); paths
-    and lineage are set by the cycle."""
+    """Overrides of training.config.RewardModelConfig on top of the recipe's (e.g.
+    {"lr": 1e-5, "epochs": 1}); paths and lineage are set by the cycle."""
 
     ppo: dict[str, Any] = field(default_factory=dict)
-    """Overrides of training.config.PPOConfig (e.g. {"total_episodes": 512}); the policy and the
-    KL reference are the version serving now, the reward model is this cycle's."""
+    """Overrides of training.config.PPOConfig on top of the recipe's (e.g.
+    {"total_episodes": 512}); the policy and the KL reference are the version serving now, the
+    reward model is this cycle's."""
+
+    step_memory_gib: dict[str, float] = field(default_factory=dict)
+    """Free memory (GiB) a heavy step needs before it starts, by step name, on top of the
+    recipe's; a step that would not fit is refused with a message instead of pushing the
+    machine into the OOM killer. {"ppo": 0} turns the check off for PPO."""
 
     evaluate: dict[str, Any] = field(default_factory=dict)
     """Overrides of the evaluation (training/evaluate.py), e.g. the number of held-out prompts."""
@@ -157,6 +181,12 @@ class CycleConfig:
         for name in ("reward_model", "ppo", "evaluate"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object of config overrides")
+        recipe(self.recipe)  # an unknown name fails here, before any step runs
+        bad = sorted(set(self.step_memory_gib) - HEAVY_STEPS)
+        if bad:
+            raise ValueError(f"step_memory_gib: not heavy steps: {', '.join(bad)}")
+        if not all(_num(v) and v >= 0 for v in self.step_memory_gib.values()):
+            raise ValueError("step_memory_gib: values must be GiB >= 0")
         if not isinstance(self.launcher, list) or not all(
             isinstance(a, str) for a in self.launcher
         ):
@@ -225,6 +255,10 @@ class LoopKeys:
     @property
     def beat(self) -> str:
         return f"{self.prefix}loop:beat"
+
+    @property
+    def schedule(self) -> str:
+        return f"{self.prefix}loop:schedule"
 
 
 # Sets the cycle's terminal state once: KEYS 1 cycle hash; ARGV field/value pairs.
@@ -360,10 +394,15 @@ class CycleStore:
 
     def feedback_count(self) -> int:
         """Rankings + comparisons stored so far (the feedback store's counters)."""
+        stats = self.feedback_stats()
+        return sum(stats.get(f"feedback:{k}", 0) for k in RANKING_KINDS)
+
+    def feedback_stats(self) -> dict[str, int]:
+        """The feedback store's counters: completions, feedback:<kind>."""
         from feedback.keys import Keys
 
-        vals = self.client.hmget(Keys(self.prefix).stats, [f"feedback:{k}" for k in RANKING_KINDS])
-        return sum(int(v) for v in vals if v is not None)
+        raw = self.client.hgetall(Keys(self.prefix).stats)
+        return {_s(k): int(v) for k, v in raw.items()}
 
     def new_feedback_since_last_rm(self) -> int:
         baseline = int(self.last_reward_model().get("feedback_count", 0) or 0)
@@ -404,6 +443,8 @@ class StepContext:
     """Earlier steps' outputs."""
     heartbeat: Heartbeat
     step_time_limit_s: float
+    niceness: int = STEP_NICENESS
+    """CPU niceness of the heavy step's subprocess (LoopConfig.step_niceness)."""
 
     def check(self) -> None:
         """Raise if the cycle was cancelled or its lock lost (call between pieces of work)."""
@@ -461,7 +502,7 @@ def step_reward_model(ctx: StepContext) -> StepResult:
         init_from=init,
         parent_version=snap["parent_version"],
         snapshot_id=snap["snapshot_id"],
-        overrides=ctx.config.reward_model,
+        overrides={**recipe(ctx.config.recipe).reward_model_overrides(), **ctx.config.reward_model},
     )
     out = {"path": res["path"], "init_from": init, "metrics": res.get("metrics", {})}
     pointer = {
@@ -487,7 +528,7 @@ def step_ppo(ctx: StepContext) -> StepResult:
         out_dir=str(ctx.dir / "model"),
         parent_version=snap["parent_version"],
         snapshot_id=snap["snapshot_id"],
-        overrides=ctx.config.ppo,
+        overrides={**recipe(ctx.config.recipe).ppo_overrides(), **ctx.config.ppo},
     )
     out = {"path": res["path"], "metrics": res.get("metrics", {})}
     return StepResult(out, summary=out["metrics"])
@@ -675,15 +716,20 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
     Stops it on cancel, lost lock or the step time limit. Its output goes to `<dir>/step.log`;
     an error in it becomes this step's failure reason.
     """
+    check_memory(ctx)
     ctx.dir.mkdir(parents=True, exist_ok=True)
     in_path, out_path, log_path = (ctx.dir / n for n in ("input.json", "result.json", "step.log"))
+    progress_path = ctx.dir / "progress.json"
     out_path.unlink(missing_ok=True)
     in_path.write_text(json.dumps({"func": func, "kwargs": kwargs}))
     cmd = [*(ctx.config.launcher or [sys.executable]), "-m", "training.cycle", "run-step"]
     cmd += [str(in_path), str(out_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env[PROGRESS_ENV] = str(progress_path)
+    env[NICENESS_ENV] = str(ctx.niceness)
     _load_prctl()
     start = time.monotonic()
+    progress_seen = 0.0
     with open(log_path, "ab") as log:
         # Its own process group, so stopping it stops what it started (vLLM's engine core).
         proc = subprocess.Popen(
@@ -704,9 +750,11 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
                 if time.monotonic() - start > ctx.step_time_limit_s:
                     _stop(proc)
                     raise CycleError(f"{ctx.step} ran past the step time limit")
+                progress_seen = _publish_progress(ctx, progress_path, progress_seen)
                 time.sleep(0.5)
         finally:
             _stop(proc)  # also reaps what it left behind in its group
+    _publish_progress(ctx, progress_path, progress_seen)  # its last word
     result = json.loads(out_path.read_text()) if out_path.exists() else None
     if result and "error" in result:
         raise CycleError(result["error"])
@@ -714,6 +762,45 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
         tail = log_path.read_text(errors="replace")[-1500:].strip()
         raise CycleError(f"{func} exited with code {proc.returncode}: {tail}")
     return dict(result["result"])
+
+
+def step_memory_need(cfg: CycleConfig, step: str) -> float:
+    """GiB of free memory `step` needs before it starts (0: no check)."""
+    need = {**recipe(cfg.recipe).step_memory_gib, **cfg.step_memory_gib}
+    return float(need.get(step, 0.0))
+
+
+def check_memory(ctx: StepContext) -> None:
+    """Refuse a heavy step that would not fit in the memory available now (the server's engine
+    keeps what it holds; instructloop/memory.py)."""
+    need = step_memory_need(ctx.config, ctx.step)
+    if need <= 0:
+        return
+    free = available_gib()
+    if free < need:
+        raise CycleError(
+            f"not enough memory: the {ctx.step} step needs about {need:g} GiB free and "
+            f"{free:.1f} GiB is available; not starting it, so serving keeps its memory. Free "
+            "memory (a smaller serving KV cache: --kv-cache-space-gib), or lower the need with "
+            f'the cycle config\'s step_memory_gib {{"{ctx.step}": ...}} if the estimate is high'
+        )
+
+
+def _publish_progress(ctx: StepContext, path: Path, seen: float) -> float:
+    """Copy the step subprocess's progress file into the step's record when it changed; the
+    file's mtime, for the next call."""
+    try:
+        mtime = path.stat().st_mtime
+        if mtime <= seen:
+            return seen
+        progress = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return seen
+    with contextlib.suppress(redis.RedisError):
+        state = ctx.store.step_state(ctx.cycle_id, ctx.step)
+        if state.get("state") == "running":
+            ctx.store.set_step_state(ctx.cycle_id, ctx.step, {**state, "progress": progress})
+    return mtime
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -757,15 +844,50 @@ def _guard_group() -> None:
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
+def _lower_priority() -> None:
+    """In the step subprocess, before anything heavy loads (the engines it starts inherit it):
+    the lowest CPU priority, and the OOM killer's first choice (see STEP_NICENESS,
+    OOM_SCORE_ADJ)."""
+    niceness = int(os.environ.get(NICENESS_ENV, STEP_NICENESS))
+    with contextlib.suppress(OSError):
+        os.nice(max(0, niceness - os.nice(0)))
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(OOM_SCORE_ADJ))
+
+
+def _process_facts() -> dict[str, float]:
+    """How the step ran, for its record: peak resident memory of this process and of its
+    largest ended child (vLLM's engine), its niceness and OOM score adjustment."""
+    import resource
+
+    try:
+        oom_adj = float(Path("/proc/self/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        oom_adj = float("nan")
+
+    gib = 1024 * 1024  # ru_maxrss is in KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return {
+        "peak_rss_gib": round(own / gib, 2),
+        "peak_rss_child_gib": round(child / gib, 2),
+        "niceness": float(os.nice(0)),
+        "oom_score_adj": oom_adj,
+    }
+
+
 def _child_main(in_path: str, out_path: str) -> int:
     """The heavy step's subprocess: call the adapter, write {"result"} or {"error"}."""
     _guard_group()
+    _lower_priority()
     from training import loop_adapters
 
     spec = json.loads(Path(in_path).read_text())
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
         result = getattr(loop_adapters, spec["func"])(**spec["kwargs"])
+        if isinstance(result, dict) and isinstance(result.get("metrics"), dict):
+            result["metrics"].update(_process_facts())
         payload: dict[str, Any] = {"result": result}
         rc = 0
     except Exception as e:
@@ -803,6 +925,7 @@ def run_step(
     lock_ttl_s: float,
     heartbeat_s: float,
     step_time_limit_s: float,
+    step_niceness: int = STEP_NICENESS,
 ) -> StepRun:
     """Run one step of a cycle idempotently, fenced and cancellable (see module docstring).
 
@@ -873,6 +996,7 @@ def run_step(
                 outputs={s: store.output(cycle_id, s) or {} for s in STEPS[: STEPS.index(step)]},
                 heartbeat=hb,
                 step_time_limit_s=step_time_limit_s,
+                niceness=step_niceness,
             )
             result = STEP_FUNCS[step](ctx)
             hb.check()
@@ -889,6 +1013,9 @@ def run_step(
                 "attempts": attempts,
                 "summary": result.summary,
             }
+            last_progress = store.step_state(cycle_id, step).get("progress")
+            if last_progress:
+                done["progress"] = last_progress  # how far it got: the whole run, normally
             writes = {
                 store.keys.cycle(cycle_id): {
                     f"out:{step}": json.dumps(result.output),

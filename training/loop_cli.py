@@ -35,16 +35,26 @@ def _add_redis_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--redis-url",
         default=None,
-        help="Redis for broker, results and loop state (default: $REDIS_URL or "
-        "redis://127.0.0.1:6379/0)",
+        help="Redis for broker, results and loop state (default: $REDIS_URL, else the running "
+        "`instructloop up`'s, else redis://127.0.0.1:6379/0)",
     )
     p.add_argument("--prefix", default=None, help="Redis key prefix (default: il:)")
 
 
 def _loop_env(args: argparse.Namespace) -> dict[str, str]:
+    """The loop's settings from the flags; with no Redis named (flag or $REDIS_URL), the running
+    `instructloop up`'s Redis and key prefix (instructloop/running.py)."""
+    from instructloop.running import read_running
+
     env: dict[str, str] = {}
     if getattr(args, "redis_url", None):
         env["REDIS_URL"] = args.redis_url
+    elif not os.environ.get("REDIS_URL"):
+        loop = read_running()
+        if loop is not None:
+            env["REDIS_URL"] = loop.redis_url
+            if not os.environ.get("INSTRUCTLOOP_KEY_PREFIX"):
+                env["INSTRUCTLOOP_KEY_PREFIX"] = loop.key_prefix
     if getattr(args, "prefix", None):
         env["INSTRUCTLOOP_KEY_PREFIX"] = args.prefix
     return env
@@ -141,6 +151,14 @@ def _beat(args: argparse.Namespace) -> int:
             )
             lock.wait_acquire(poll_s=max(1.0, cfg.beat_lock_ttl_s / 3))
         print(f"instructloop beat: active ({lock.owner})", file=sys.stderr, flush=True)
+        schedule = {
+            "every_s": float(args.every),
+            "threshold": int(args.threshold),
+            "min_new": int(args.min_new),
+            "tick_s": float(args.tick),
+            "beat": lock.owner,
+        }
+        client.set(LoopKeys(cfg.key_prefix).schedule, json.dumps(schedule))
         try:
             app.conf.beat_schedule = {
                 "instructloop-cycle-tick": {
@@ -203,8 +221,14 @@ def _print_record(rec: Any, store: Any) -> None:
     if rec.parent_version:
         cand = f" -> candidate {rec.candidate_version}" if rec.candidate_version else ""
         print(f"  from {rec.parent_version}{cand}")
+    from training.status import format_progress
+
     for s in STEPS:
-        print(_fmt_step(s, rec.steps.get(s, {})))
+        st = rec.steps.get(s, {})
+        progress = (
+            f"  {format_progress(st.get('progress'))}" if st.get("state") == "running" else ""
+        )
+        print(_fmt_step(s, st) + progress)
     gate = rec.outputs.get("gate")
     if gate:
         checks = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in gate["checks"].items())
@@ -220,10 +244,16 @@ def _exit_code(state: str) -> int:
     return {"promoted": EXIT_OK, "rejected": EXIT_REJECTED}.get(state, EXIT_FAILED)
 
 
+PROGRESS_EVERY_S = 15.0
+"""How often `cycle run --wait` prints a long step's progress."""
+
+
 def _wait(store: Any, cycle_id: str, timeout: float | None) -> int:
     from training.cycle import TERMINAL
+    from training.status import format_progress
 
     seen: dict[str, str] = {}
+    shown, shown_at = "", 0.0
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         rec = store.get(cycle_id)
@@ -233,6 +263,15 @@ def _wait(store: Any, cycle_id: str, timeout: float | None) -> int:
             if seen.get(s) != st.get("state"):
                 seen[s] = st.get("state", "")
                 print(_fmt_step(s, st), file=sys.stderr, flush=True)
+        running = rec.steps.get(rec.current_step, {}) if rec.current_step else {}
+        line = f"  {rec.current_step:<13} {format_progress(running.get('progress'))}"
+        if (
+            running.get("progress")
+            and line != shown
+            and time.monotonic() - shown_at >= PROGRESS_EVERY_S
+        ):
+            shown, shown_at = line, time.monotonic()
+            print(line, file=sys.stderr, flush=True)
         if rec.state in TERMINAL:
             extra = f": {rec.reason}" if rec.reason else ""
             ver = f" {rec.candidate_version}" if rec.state == "promoted" else ""
@@ -327,7 +366,66 @@ def _cycle_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- status -------------------------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    import redis
+
+    from instructloop.running import read_running, resolve_redis_url
+    from training.cycle import redis_client
+    from training.status import gather, render
+
+    try:
+        cfg = _loop_config(args)
+    except ValueError as e:
+        return _err(str(e))
+    _, source = resolve_redis_url(args.redis_url)
+    running = read_running()
+    try:
+        with redis_client(cfg.redis_url) as client:
+            st = gather(client, cfg.key_prefix, running=running, last=args.last)
+    except redis.RedisError as e:
+        hint = "" if running else "; is `instructloop up` running? (or give --redis-url)"
+        return _err(f"Redis at {cfg.redis_url} ({source}): {e}{hint}")
+    if args.json:
+        print(json.dumps(st, indent=1, default=str))
+    else:
+        print(render(st))
+    return EXIT_OK
+
+
 # --- model register -----------------------------------------------------------------------------
+
+
+def _model_list(args: argparse.Namespace) -> int:
+    import redis
+
+    from instructloop.registry import ModelRegistry, RegistryError
+
+    try:
+        cfg = _loop_config(args)
+    except ValueError as e:
+        return _err(str(e))
+    reg = ModelRegistry(cfg.redis_url, prefix=cfg.key_prefix)
+    try:
+        live = reg.live()
+        versions = reg.list()
+    except (RegistryError, redis.RedisError) as e:
+        return _err(str(e))
+    finally:
+        reg.close()
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=1, default=str))
+        return EXIT_OK
+    if not versions:
+        print("no versions registered (`instructloop up` registers the default model)")
+    for v in versions:
+        mark = "*" if live is not None and v.version == live.version else " "
+        lineage = f" from {v.parent}" if v.parent else ""
+        gate = f", gate {v.gate}" if v.gate else ""
+        print(f"{mark} {v.version:<5} {v.source}{lineage}{gate}  {v.path}")
+    return EXIT_OK
 
 
 def _model_register(args: argparse.Namespace) -> int:
@@ -432,6 +530,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     status.add_argument("--list", type=int, default=0, metavar="N", help="the last N cycles")
     status.set_defaults(func=_cycle_status)
 
+    st = sub.add_parser(
+        "status",
+        help="the loop at a glance: served versions, feedback, the running cycle, the next one",
+        description="What is served (the live version and each replica), feedback counts since "
+        "the last reward model, the cycle now running with its step and progress, the next "
+        "trigger, and the last cycles with their gate figures. Finds a running `instructloop "
+        "up` by itself.",
+    )
+    _add_redis_args(st)
+    st.add_argument("--json", action="store_true", help="everything as JSON")
+    st.add_argument("--last", type=int, default=5, metavar="N", help="past cycles to show (5)")
+    st.set_defaults(func=_status)
+
     model = sub.choices.get("model")
     msub = model.get_default("_model_sub") if model is not None else None
     if msub is None:  # no `model` command yet: make one
@@ -445,6 +556,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "version. Does not make it live.",
     )
     _add_redis_args(reg)
+    ls = msub.add_parser(
+        "list",
+        help="the registered versions, newest first (* marks the live one)",
+        description="Every registered version with its source, parent and gate result.",
+    )
+    _add_redis_args(ls)
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=_model_list)
     reg.add_argument("path", type=Path)
     reg.add_argument("--source", default="register", help="how it was made (default: register)")
     reg.set_defaults(func=_model_register)

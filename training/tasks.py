@@ -49,6 +49,7 @@ def _run(step: str, cycle_id: str, token: int) -> dict[str, Any]:
             lock_ttl_s=cfg.lock_ttl_s,
             heartbeat_s=cfg.heartbeat_s,
             step_time_limit_s=cfg.step_time_limit_s,
+            step_niceness=cfg.step_niceness,
         )
     if res.status == "stopped":
         raise Ignore(res.detail)

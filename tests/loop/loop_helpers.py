@@ -195,6 +195,7 @@ def tiny_cycle_config(work_dir: Path, **over: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "work_dir": str(work_dir),
         "min_feedback": 1,
+        "recipe": "instructgpt",  # the stage defaults; the tiny sizes below override them
         "reward_model": {"batch_size": 2, "max_length": 64, "epochs": 1, "device": "cpu"},
         "ppo": {
             "total_episodes": 4,

@@ -139,6 +139,7 @@ def cycle_config(work: Path) -> dict[str, Any]:
     return {
         "work_dir": str(work),
         "min_feedback": 8,
+        "recipe": "instructgpt",  # the stage defaults, sized for the tiny answerer below
         "reward_model": {"epochs": 4, "lr": 1e-3, "batch_size": 8, "max_length": 96,
                          "device": "cpu"},
         "ppo": {
