@@ -212,7 +212,7 @@ def test_apply_overrides() -> None:
     assert got.work_dir == "/tmp/x"
     assert got.cycle_config == {"ppo": {"total_episodes": 64}}
     assert got.up_args == ["--dtype", "float32"]
-    assert cfg.n_train_prompts == 256  # the original is left alone
+    assert cfg.n_train_prompts == OnlineLearningConfig().n_train_prompts != 64  # left alone
     with pytest.raises(ValueError, match="not a field"):
         apply_overrides(cfg, ["n_train=3"])
     with pytest.raises(ValueError, match="takes a JSON int"):

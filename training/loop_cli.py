@@ -372,6 +372,7 @@ def _cycle_status(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import redis
 
+    from instructloop.registry import RegistryError
     from instructloop.running import read_running, resolve_redis_url
     from training.cycle import redis_client
     from training.status import gather, render
@@ -385,9 +386,11 @@ def _status(args: argparse.Namespace) -> int:
     try:
         with redis_client(cfg.redis_url) as client:
             st = gather(client, cfg.key_prefix, running=running, last=args.last)
-    except redis.RedisError as e:
-        hint = "" if running else "; is `instructloop up` running? (or give --redis-url)"
-        return _err(f"Redis at {cfg.redis_url} ({source}): {e}{hint}")
+    except (redis.RedisError, RegistryError) as e:
+        hint = " (is `instructloop up` running? else give --redis-url)"
+        return _err(
+            f"Redis at {cfg.redis_url} ({source}): {e}{hint if source == 'default' else ''}"
+        )
     if args.json:
         print(json.dumps(st, indent=1, default=str))
     else:

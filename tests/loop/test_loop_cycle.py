@@ -307,3 +307,36 @@ def test_model_register_prints_version_and_refuses_bad_paths(
         assert reg.get("v1").source == "register" and reg.live() is None  # not made live
     finally:
         reg.close()
+
+
+def test_a_heavy_step_without_the_memory_it_needs_is_refused(
+    redis_client: Any, redis_url: str, tmp_path: Path, two_versions: tuple
+) -> None:
+    """The reward-model step needs more memory than is free: it does not start (no subprocess,
+    nothing written), the cycle fails with a message that says so, and the live version stays."""
+    from training.cycle import CycleError
+
+    reg, v1, _ = two_versions
+    store = CycleStore(redis_client, "il:")
+    cfg = CycleConfig(work_dir=str(tmp_path), step_memory_gib={"reward_model": 1e6})
+    token = store.lock.acquire("cyc-m")
+    assert token is not None
+    store.create("cyc-m", token, "manual", cfg)
+    snap = {"parent_version": v1, "parent_path": "/x", "snapshot_id": "s", "dir": "/x",
+            "feedback_count": 1}  # fmt: skip
+    assert store.lock.fenced_hset(
+        Holder("cyc-m", token), {store.keys.cycle("cyc-m"): {"out:snapshot": json.dumps(snap)}}
+    )
+    with pytest.raises(CycleError, match="not enough memory: the reward_model step needs"):
+        _run("reward_model", "cyc-m", token, redis_client, redis_url)
+    rec = store.get("cyc-m")
+    assert rec is not None and rec.state == "failed" and rec.failed_step == "reward_model"
+    assert "GiB is available; not starting it" in rec.reason
+    assert not list((tmp_path / "cyc-m" / "reward_model").rglob("step.log"))  # never started
+    assert reg.live().version == v1
+    # A cycle config may lower the recipe's needs (0: no check), for heavy steps only.
+    assert CycleConfig(step_memory_gib={"ppo": 0}).step_memory_gib == {"ppo": 0}
+    with pytest.raises(ValueError, match="not heavy steps: gate"):
+        CycleConfig(step_memory_gib={"gate": 1})
+    with pytest.raises(ValueError, match="unknown recipe 'big'"):
+        CycleConfig(recipe="big")
