@@ -30,6 +30,8 @@ from pathlib import Path
 
 GiB = 1024**3
 KV_CACHE_ENV = "INSTRUCTLOOP_KV_CACHE_GIB"
+VLLM_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+"""vLLM's own variable: an operator who set it meant it (after ours)."""
 SERVING_KV_FRACTION = 1 / 12
 """Share of RAM for the serving KV cache on the CPU backend (see the module docstring)."""
 SERVING_KV_MIN_GIB, SERVING_KV_MAX_GIB = 1, 16
@@ -93,19 +95,21 @@ def serving_kv_cache_gib(
     total: float | None = None,
 ) -> tuple[int, str]:
     """(KV cache GiB for the serving engine on the CPU backend, where the figure came from):
-    `configured` (the flag), else INSTRUCTLOOP_KV_CACHE_GIB, else the plan's share of RAM."""
+    `configured` (the flag), else INSTRUCTLOOP_KV_CACHE_GIB, else VLLM_CPU_KVCACHE_SPACE, else
+    the plan's share of RAM."""
     env = os.environ if environ is None else environ
     ram = total_gib() if total is None else total
     if configured is not None:
         value: float = float(configured)
         source = "--kv-cache-space-gib"
-    elif env.get(KV_CACHE_ENV):
-        raw = env[KV_CACHE_ENV]
+    elif env.get(KV_CACHE_ENV) or env.get(VLLM_KV_CACHE_ENV):
+        name = KV_CACHE_ENV if env.get(KV_CACHE_ENV) else VLLM_KV_CACHE_ENV
+        raw = env[name]
         try:
             value = float(raw)
         except ValueError:
-            raise MemoryPlanError(f"{KV_CACHE_ENV}={raw!r} is not a number of GiB") from None
-        source = f"${KV_CACHE_ENV}"
+            raise MemoryPlanError(f"{name}={raw!r} is not a number of GiB") from None
+        source = f"${name}"
     else:
         planned = round(ram * SERVING_KV_FRACTION)
         value = max(SERVING_KV_MIN_GIB, min(SERVING_KV_MAX_GIB, planned))

@@ -45,6 +45,10 @@ def test_serving_kv_cache_is_planned_from_ram_not_vllms_ninety_percent() -> None
 def test_serving_kv_cache_flag_then_env_var() -> None:
     assert serving_kv_cache_gib(3, {KV_CACHE_ENV: "5"}, total=24) == (3, "--kv-cache-space-gib")
     assert serving_kv_cache_gib(None, {KV_CACHE_ENV: "5"}, total=24) == (5, f"${KV_CACHE_ENV}")
+    both = {KV_CACHE_ENV: "5", "VLLM_CPU_KVCACHE_SPACE": "3"}
+    assert serving_kv_cache_gib(None, both, total=24)[0] == 5
+    vllm = {"VLLM_CPU_KVCACHE_SPACE": "3"}  # vLLM's own variable, set by an operator
+    assert serving_kv_cache_gib(None, vllm, total=24) == (3, "$VLLM_CPU_KVCACHE_SPACE")
 
 
 @pytest.mark.parametrize(

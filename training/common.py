@@ -365,6 +365,36 @@ keeps its latest step there, which the cycle copies into its record for `status`
 PROGRESS_EVERY_S = 2.0
 
 
+class Progress:
+    """Keeps a stage's latest step in the progress file ($INSTRUCTLOOP_PROGRESS_FILE), at most
+    every PROGRESS_EVERY_S and always at the last step; nothing where no cycle asked for it."""
+
+    def __init__(self, stage: str, total: int) -> None:
+        env = os.environ.get(PROGRESS_FILE_ENV)
+        self.path = Path(env) if env else None
+        self.stage, self.total = stage, total
+        self._t0 = self._at = time.time()
+
+    def update(self, step: int, figures: dict[str, Any] | None = None) -> None:
+        if self.path is None:
+            return
+        now = time.time()
+        if now - self._at < PROGRESS_EVERY_S and 0 < step < self.total:
+            return
+        self._at = now
+        doc = {
+            "stage": self.stage,
+            "step": step,
+            "total": self.total,
+            "elapsed_s": round(now - self._t0, 1),
+            **{k: _json_default(v) for k, v in (figures or {}).items()},
+        }
+        tmp = self.path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):  # progress is a courtesy; training goes on
+            tmp.write_text(json.dumps(doc))
+            os.replace(tmp, self.path)
+
+
 class MetricsLog:
     """Appends one JSON object per step to a JSONL file (flushed each line, so a crashed run
     keeps its history), mirrors a few numbers on a tqdm bar, and, under a training cycle, keeps
@@ -377,12 +407,9 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f: TextIO = self.path.open("w", encoding="utf-8")
         self._t0 = time.time()
-        self.desc, self.total = desc, total
         self.bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr)
-        env = os.environ.get(PROGRESS_FILE_ENV)
-        self._progress_path = Path(env) if env else None
-        self._progress_at = 0.0
-        self._write_progress(0, {})
+        self.progress = Progress(desc, total)
+        self.progress.update(0)
 
     def log(self, step: int, metrics: dict[str, Any], *, show: Sequence[str] = ()) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
@@ -390,25 +417,7 @@ class MetricsLog:
         self._f.flush()
         if show:
             self.bar.set_postfix({k: _fmt(metrics[k]) for k in show if k in metrics})
-        if time.time() - self._progress_at >= PROGRESS_EVERY_S or step >= self.total:
-            self._write_progress(step, {k: metrics[k] for k in ("epoch", *show) if k in metrics})
-
-    def _write_progress(self, step: int, figures: dict[str, Any]) -> None:
-        """Replace the progress file atomically (the cycle reads it while this runs)."""
-        if self._progress_path is None:
-            return
-        self._progress_at = time.time()
-        doc = {
-            "stage": self.desc,
-            "step": step,
-            "total": self.total,
-            "elapsed_s": round(self._progress_at - self._t0, 1),
-            **{k: _json_default(v) for k, v in figures.items()},
-        }
-        tmp = self._progress_path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, self._progress_path)
+        self.progress.update(step, {k: metrics[k] for k in ("epoch", *show) if k in metrics})
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)

@@ -33,6 +33,7 @@ from training.checkpoint import CheckpointInfo, write_checkpoint
 from training.common import (
     DataError,
     MetricsLog,
+    Progress,
     adamw,
     autocast,
     data_snapshot_of,
@@ -476,7 +477,9 @@ def trunk_outputs(
     ordered = sorted(groups, key=lambda g: len(g.prompt) + sum(map(len, g.responses)))
     out: dict[int, torch.Tensor] = {}
     step = max(1, cfg.batch_size // cfg.grad_accum)
+    progress = Progress("reward model: frozen trunk", len(ordered))
     for i in range(0, len(ordered), step):
+        progress.update(i)
         chunk = ordered[i : i + step]
         packed = pack_groups(chunk, pad_id, device, model.config._attn_implementation)
         with autocast(device, cfg.mixed_precision):
@@ -489,6 +492,7 @@ def trunk_outputs(
             )
         for row, (g, n) in enumerate(zip(chunk, packed.lengths, strict=True)):
             out[id(g)] = h[row, :n].clone()
+    progress.update(len(ordered))
     return out
 
 

@@ -96,9 +96,12 @@ def _rank_some(ch: grpc.Channel, n: int) -> int:
 
 
 class StreamingClients:
-    """Streams small completions back to back until stopped; every failed call is kept."""
+    """Streams small completions, one a second per client, until stopped; every failed call is
+    kept. (A steady light load: back-to-back streams would keep vLLM's scheduler spinning and
+    leave the training steps, at the lowest priority, almost no CPU on two cores.)"""
 
-    def __init__(self, address: str, n: int = 2) -> None:
+    def __init__(self, address: str, n: int = 1, pause_s: float = 1.0) -> None:
+        self.pause_s = pause_s
         self.address = address
         self.stop = threading.Event()
         self.ok = 0
@@ -126,7 +129,7 @@ class StreamingClients:
                     self.ok += 1
                 except grpc.RpcError as e:
                     self.failures.append(f"{e.code()}: {e.details()}")
-                    time.sleep(0.5)
+                self.stop.wait(self.pause_s)
 
     def __enter__(self) -> StreamingClients:
         for t in self.threads:
@@ -175,7 +178,13 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
             assert "serving: live v1" in st.stdout and f"v1 on {address}" in st.stdout, st.stdout
             assert "cycle: none running" in st.stdout
 
-            assert _rank_some(ch, 16) >= 4
+            sent = _rank_some(ch, 16)
+            assert sent >= 4
+            exp = _verb("feedback", "export", "--out", str(tmp_path / "export"), env=env)
+            assert exp.returncode == 0, exp.stderr
+            assert f"rankings {sent}," in exp.stdout, exp.stdout
+            models = _verb("model", "list", env=env)
+            assert models.returncode == 0 and models.stdout.startswith("* v1"), models.stdout
             cfg = tmp_path / "cycle.json"
             cfg.write_text(json.dumps({
                 "min_feedback": 4,
