@@ -96,11 +96,12 @@ def _rank_some(ch: grpc.Channel, n: int) -> int:
 
 
 class StreamingClients:
-    """Streams small completions, one a second per client, until stopped; every failed call is
-    kept. (A steady light load: back-to-back streams would keep vLLM's scheduler spinning and
-    leave the training steps, at the lowest priority, almost no CPU on two cores.)"""
+    """Streams small completions, one every few seconds per client, until stopped; every failed
+    call is kept. (vLLM's engine busy-waits while a request is in flight and for a second after
+    its last step: streams less than a second apart keep it spinning on a core for good, and the
+    training steps, at the lowest priority, then get almost no CPU on two cores.)"""
 
-    def __init__(self, address: str, n: int = 1, pause_s: float = 1.0) -> None:
+    def __init__(self, address: str, n: int = 1, pause_s: float = 5.0) -> None:
         self.pause_s = pause_s
         self.address = address
         self.stop = threading.Event()
@@ -144,6 +145,7 @@ class StreamingClients:
 
 @pytest.mark.slow
 @pytest.mark.engine
+@pytest.mark.timeout(2700)  # a whole cycle beside a serving engine on two cores
 def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: Path) -> None:
     data = tmp_path / "data"
     (data / "models").mkdir(parents=True)
@@ -197,7 +199,7 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
                 assert proc.poll() is None, log_path.read_text()[-3000:]
             assert run.returncode in (0, 3), run.stdout + run.stderr  # promoted or rejected
             assert clients.failures == [], clients.failures[:5]
-            assert clients.ok > 20  # streams kept coming for the whole cycle
+            assert clients.ok > 10  # streams kept coming for the whole cycle
 
             rec = json.loads(_verb("cycle", "status", "--json", env=env).stdout)
             assert rec["state"] in ("promoted", "rejected")
