@@ -51,7 +51,7 @@ async def collect_feedback(port: int, n_prompts: int, max_tokens: int, seed: int
 
     from instructloop.v1 import completion_pb2, completion_pb2_grpc, feedback_pb2, feedback_pb2_grpc
     from training.data.constraints import generate_prompts
-    from training.data.simulated_labeler import rank
+    from training.data.simulated_labeler import rank, ranking_order
 
     meta = (("authorization", f"Bearer {USER_KEY}"),)
     prompts = generate_prompts(n_prompts, "train", seed=seed)
@@ -72,8 +72,7 @@ async def collect_feedback(port: int, n_prompts: int, max_tokens: int, seed: int
             )  # fmt: skip
             texts = [c.text for c in resp.choices]
             r = rank(p, texts)
-            order = sorted(range(K), key=lambda j: r.ranks[r.responses.index(texts[j])])
-            ranks = [r.ranks[r.responses.index(texts[j])] for j in order]
+            order, ranks = ranking_order(texts, r.responses, r.ranks)
             if len(set(ranks)) == 1:
                 return  # all tied: teaches nothing, a labeller would skip it
             await fb.SubmitRanking(

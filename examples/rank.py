@@ -89,7 +89,7 @@ def by_hand(stub: cg.CompletionServiceStub, fb: fg.FeedbackServiceStub, md: list
 def simulated(stub: cg.CompletionServiceStub, fb: fg.FeedbackServiceStub, md: list, k: int,
               n: int, users: int) -> None:  # fmt: skip
     from training.data.constraints import generate_prompts
-    from training.data.simulated_labeler import rank
+    from training.data.simulated_labeler import rank, ranking_order
 
     def one(i_p: tuple[int, object]) -> bool:
         i, p = i_p
@@ -97,13 +97,10 @@ def simulated(stub: cg.CompletionServiceStub, fb: fg.FeedbackServiceStub, md: li
         resp = ask(stub, md, p.prompt, k, user)  # type: ignore[attr-defined]
         texts = [ch.text for ch in resp.choices]
         r = rank(p, texts)  # type: ignore[arg-type]
-        left = list(range(k))
-        order = [
-            left.pop(next(j for j, x in enumerate(left) if texts[x] == t)) for t in r.responses
-        ]
+        order, ranks = ranking_order(texts, r.responses, r.ranks)
         if len(set(r.ranks)) == 1:
             return False  # every answer tied: nothing to learn, a person would skip it
-        submit(fb, md, resp, user, order, list(r.ranks))
+        submit(fb, md, resp, user, order, ranks)
         return True
 
     prompts = list(enumerate(generate_prompts(n, "train", seed=0)))

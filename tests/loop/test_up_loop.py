@@ -35,7 +35,7 @@ from instructloop.v1 import (
 )
 from serving.testing import RECONNECT_EVERY_SECOND
 from training.data.constraints import generate_prompts
-from training.data.simulated_labeler import rank
+from training.data.simulated_labeler import rank, ranking_order
 
 USER, ADMIN = "up-user", "up-admin"
 K = 4
@@ -78,9 +78,7 @@ def _rank_some(ch: grpc.Channel, n: int) -> int:
         )  # fmt: skip
         texts = [c.text for c in resp.choices]
         r = rank(p, texts)
-        rank_of = {t: rk for t, rk in zip(r.responses, r.ranks, strict=True)}
-        order = sorted(range(K), key=lambda j: rank_of[texts[j]])
-        ranks = [rank_of[texts[j]] for j in order]
+        order, ranks = ranking_order(texts, r.responses, r.ranks)
         if len(set(ranks)) == 1:
             continue
         fb.SubmitRanking(

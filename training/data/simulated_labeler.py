@@ -68,6 +68,29 @@ def rank(prompt: ConstraintPrompt, responses: Sequence[str]) -> Ranking:
     )
 
 
+def ranking_order(
+    candidates: Sequence[str], ranked: Sequence[str], ranks: Sequence[int]
+) -> tuple[list[int], list[int]]:
+    """A ranking of candidate texts (best first, with dense ranks) as indexes into `candidates`,
+    best first, and the ranks in that order. Candidates with the same text are distinct
+    responses: each ranked text takes the first candidate of that text not taken yet, so two
+    equal answers map to two response ids, never one twice."""
+    if len(ranked) != len(candidates) or len(ranks) != len(ranked):
+        raise ValueError(
+            f"{len(candidates)} candidates, {len(ranked)} ranked texts, {len(ranks)} ranks"
+        )
+    free: dict[str, list[int]] = {}
+    for i, text in enumerate(candidates):
+        free.setdefault(text, []).append(i)
+    order = []
+    for text in ranked:
+        slots = free.get(text)
+        if not slots:
+            raise ValueError(f"a ranked text is not among the candidates: {text[:60]!r}")
+        order.append(slots.pop(0))
+    return order, [int(r) for r in ranks]
+
+
 def _hex32(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
