@@ -55,11 +55,14 @@ async def small_completion(
 def redis_state(client: redis.Redis) -> dict[str, Any]:
     """Every key of the database with a digest of its content: equal states = nothing written.
     Rate-limit windows (Keys.rate) are left out: they are counters, not records, and one set by
-    an earlier request can expire between two snapshots (a flake seen in CI, 2026-12-05)."""
+    an earlier request can expire between two snapshots. So are the replicas' reports of what
+    they serve (`models:replicas`): each server rewrites its own every few seconds, whatever the
+    requests do."""
     state: dict[str, Any] = {}
     rate_prefix = Keys(PREFIX).rate_prefix
+    replicas = f"{PREFIX}models:replicas"
     for key in sorted(client.scan_iter(count=1000)):
-        if key.startswith(rate_prefix):
+        if key.startswith(rate_prefix) or key == replicas:
             continue
         t = client.type(key)
         if t == "string":
