@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -101,7 +100,3 @@ def resolve_redis_url(
     if loop is not None:
         return loop.redis_url, f"instructloop up (pid {loop.pid})"
     return DEFAULT_REDIS_URL, "default"
-
-
-def uptime(loop: RunningLoop) -> float:
-    return time.time() - loop.started_at

@@ -60,6 +60,7 @@ from typing import Any
 import redis
 
 from instructloop.memory import available_gib
+from training.common import PROGRESS_FILE_ENV
 from training.locks import CycleLock, Holder, Lease, LockLost
 from training.recipes import DEFAULT_RECIPE, recipe
 
@@ -75,8 +76,6 @@ and training takes the cycles serving leaves idle."""
 OOM_SCORE_ADJ = 1000
 """A heavy step is the kernel OOM killer's first choice (/proc/<pid>/oom_score_adj): if memory
 runs out after all, the training step dies (and fails its cycle), never the server."""
-PROGRESS_ENV = "INSTRUCTLOOP_PROGRESS_FILE"
-"""Where a stage subprocess writes its progress (training/common.py: MetricsLog)."""
 NICENESS_ENV = "INSTRUCTLOOP_STEP_NICENESS"
 
 
@@ -725,7 +724,7 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
     cmd = [*(ctx.config.launcher or [sys.executable]), "-m", "training.cycle", "run-step"]
     cmd += [str(in_path), str(out_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env[PROGRESS_ENV] = str(progress_path)
+    env[PROGRESS_FILE_ENV] = str(progress_path)  # the stage's Progress writes it
     env[NICENESS_ENV] = str(ctx.niceness)
     _load_prctl()
     start = time.monotonic()
