@@ -48,10 +48,10 @@ def _set(cfg: dict[str, Any], assignment: str) -> None:
 async def collect_feedback(port: int, n_prompts: int, max_tokens: int, seed: int) -> int:
     """Simulated labellers over gRPC: K candidates per prompt, ranked by constraints met."""
     import grpc
+    from instructloop.training.data.constraints import generate_prompts
+    from instructloop.training.data.simulated_labeler import rank, ranking_order
 
     from instructloop.v1 import completion_pb2, completion_pb2_grpc, feedback_pb2, feedback_pb2_grpc
-    from training.data.constraints import generate_prompts
-    from training.data.simulated_labeler import rank, ranking_order
 
     meta = (("authorization", f"Bearer {USER_KEY}"),)
     prompts = generate_prompts(n_prompts, "train", seed=seed)
@@ -116,10 +116,11 @@ async def wait_serving(port: int, version: str, timeout: float = 600) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from instructloop.training.cycle import STEPS, CycleStore
+
     from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
-    from training.cycle import STEPS, CycleStore
 
     model_dir = Path(args.model or default_model_dir())
     work = RESULTS_DIR / "work" / "cycle"

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from training.recipes import DEFAULT_RECIPE, recipe
+from instructloop.training.recipes import DEFAULT_RECIPE, recipe
 
 RESULTS = Path(__file__).parent / "results"
 PTX_TRAIN = Path(__file__).parents[1] / "training" / "data" / "files" / "ptx_train.jsonl"
@@ -100,7 +100,7 @@ def _sample(
     cfg: LearningConfig, sft: str, eval_p: list[Any], ranked_p: list[Any], t0: float
 ) -> tuple[list[str], list[list[Any]]]:
     """Greedy answers to the held-out prompts, then K samples (T = 1) per prompt to rank."""
-    from training.data.generation import Sampler
+    from instructloop.training.data.generation import Sampler
 
     t = time.time()
     with Sampler(sft) as s:
@@ -121,16 +121,21 @@ def _sample(
 def run(cfg: LearningConfig) -> dict[str, Any]:
     import tempfile
 
-    from training.checkpoint import CheckpointError, read_checkpoint
-    from training.common import resolve_model_path
-    from training.config import PPOConfig, RewardModelConfig, config_from_dict
-    from training.data.constraints import accuracy, generate_prompts, paired_gain, score
-    from training.data.demonstrations import demonstration_row, pick_demonstration
-    from training.data.generation import Completion
-    from training.data.simulated_labeler import rank, write_export
-    from training.evaluate import generate_answers, model_lm_loss, read_texts
-    from training.ppo import run_ppo
-    from training.reward_model import run_reward_model
+    from instructloop.training.checkpoint import CheckpointError, read_checkpoint
+    from instructloop.training.common import resolve_model_path
+    from instructloop.training.config import PPOConfig, RewardModelConfig, config_from_dict
+    from instructloop.training.data.constraints import (
+        accuracy,
+        generate_prompts,
+        paired_gain,
+        score,
+    )
+    from instructloop.training.data.demonstrations import demonstration_row, pick_demonstration
+    from instructloop.training.data.generation import Completion
+    from instructloop.training.data.simulated_labeler import rank, write_export
+    from instructloop.training.evaluate import generate_answers, model_lm_loss, read_texts
+    from instructloop.training.ppo import run_ppo
+    from instructloop.training.reward_model import run_reward_model
 
     t0 = time.time()
     phases: dict[str, float] = {}
@@ -419,7 +424,7 @@ def _step_checkpoints(final: Any) -> list[tuple[int, Path]]:
     """The `<final>.stepN` checkpoints PPO's save_every wrote on the way to `final` (a
     CheckpointInfo), by step; those of an earlier run in the same work dir, with another
     config, are left out."""
-    from training.checkpoint import CheckpointError, read_checkpoint
+    from instructloop.training.checkpoint import CheckpointError, read_checkpoint
 
     config, base = final.manifest.get("config"), final.path
     found = []

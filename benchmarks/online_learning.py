@@ -53,8 +53,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructloop.training.data.simulated_labeler import ranking_order
+
 from benchmarks.common import REPO, RESULTS_DIR, machine, percentile
-from training.data.simulated_labeler import ranking_order
 
 USER_KEY, ADMIN_KEY = "bench-key", "bench-admin"
 
@@ -80,8 +81,12 @@ EXIT_PROMOTED, EXIT_FAILED, EXIT_REJECTED = 0, 1, 3
 
 # What the run imports from training/data to score the held-out answers.
 SCORING_HELPERS: dict[str, tuple[str, ...]] = {
-    "training.data.constraints": ("accuracy", "paired_gain", "per_instruction_accuracy"),
-    "training.data.simulated_users": (
+    "instructloop.training.data.constraints": (
+        "accuracy",
+        "paired_gain",
+        "per_instruction_accuracy",
+    ),
+    "instructloop.training.data.simulated_users": (
         "answer_words",
         "unrequested_formatting_rate",
         "unrequested_formatting_by_feature",
@@ -678,7 +683,7 @@ class Session:
         self, i: int, p: Any, tag: str, stats: dict[str, Any], phase: str
     ) -> None:
         """A simulated user asks for K candidates and ranks them (ties kept)."""
-        from training.data.simulated_labeler import rank
+        from instructloop.training.data.simulated_labeler import rank
 
         cfg = self.cfg
         user = f"user-{i % cfg.users}"
@@ -821,7 +826,7 @@ async def _session(
 ) -> None:
     """Phases 2-6 over one gRPC channel; fills `result` as it goes (a failed run keeps what it
     measured)."""
-    from training.data.constraints import generate_prompts
+    from instructloop.training.data.constraints import generate_prompts
 
     s = Session(address, cfg)
     result["_session"] = s
@@ -1077,7 +1082,11 @@ def _scores(
     """Accuracy, gain, length and formatting of the held-out answers into `result`, and the
     figures the targets need into `figures`, each as soon as it is known (a helper that fails
     leaves those before it); nothing unless both versions answered."""
-    from training.data.constraints import accuracy, paired_gain, per_instruction_accuracy
+    from instructloop.training.data.constraints import (
+        accuracy,
+        paired_gain,
+        per_instruction_accuracy,
+    )
 
     if eval_p is None or "before" not in answers or "after" not in answers:
         return
@@ -1092,7 +1101,7 @@ def _scores(
     figures["gain_points"] = gain.points
     result["per_instruction"] = {k: per_instruction_accuracy(eval_p, v) for k, v in answers.items()}
 
-    from training.data.simulated_users import answer_words
+    from instructloop.training.data.simulated_users import answer_words
 
     words: dict[str, dict[str, float]] = {}
     for k, ans in answers.items():
@@ -1103,7 +1112,7 @@ def _scores(
     figures["words_mean_after"] = words["after"]["mean"]
     figures["share_under_8_after"] = words["after"]["share_under_8"]
 
-    from training.data.simulated_users import (
+    from instructloop.training.data.simulated_users import (
         unrequested_formatting_by_feature,
         unrequested_formatting_rate,
     )

@@ -40,10 +40,9 @@ RESULTS = Path(__file__).parent / "results"
 def prepare(work: Path, model: str, n_prompts: int, seed: int) -> dict[str, str]:
     """prompts.jsonl ({"prompt", "prompt_text"}) and a reward/value model directory."""
     import torch
+    from instructloop.training.data.constraints import generate_prompts
+    from instructloop.training.data.generation import chat_prompt_text
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from training.data.constraints import generate_prompts
-    from training.data.generation import chat_prompt_text
 
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model)
@@ -69,8 +68,8 @@ def prepare(work: Path, model: str, n_prompts: int, seed: int) -> dict[str, str]
 
 
 def child_ours(a: argparse.Namespace) -> dict[str, Any]:
-    from training.config import PPOConfig
-    from training.ppo import run_ppo
+    from instructloop.training.config import PPOConfig
+    from instructloop.training.ppo import run_ppo
 
     work = Path(a.work)
     out = work / "ours-out"
@@ -313,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    from training.common import resolve_model_path
+    from instructloop.training.common import resolve_model_path
 
     a.model = resolve_model_path(a.model)
     work = Path(a.work or tempfile.mkdtemp(prefix="instructloop-ppo-speed-"))

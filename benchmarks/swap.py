@@ -175,10 +175,11 @@ def _lat(reqs: list[Req]) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from instructloop.serving.testing import perturb_checkpoint
+
     from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
-    from serving.testing import perturb_checkpoint
 
     model_dir = Path(args.model or default_model_dir())
     pert = RESULTS_DIR / "tmp" / "swap" / "pert"

@@ -88,8 +88,8 @@ def by_hand(stub: cg.CompletionServiceStub, fb: fg.FeedbackServiceStub, md: list
 
 def simulated(stub: cg.CompletionServiceStub, fb: fg.FeedbackServiceStub, md: list, k: int,
               n: int, users: int) -> None:  # fmt: skip
-    from training.data.constraints import generate_prompts
-    from training.data.simulated_labeler import rank, ranking_order
+    from instructloop.training.data.constraints import generate_prompts
+    from instructloop.training.data.simulated_labeler import rank, ranking_order
 
     def one(i_p: tuple[int, object]) -> bool:
         i, p = i_p

@@ -11,9 +11,10 @@ from pathlib import Path
 
 
 def _export(args: argparse.Namespace) -> int:
-    from feedback.config import StoreConfig
-    from feedback.errors import FeedbackError
-    from feedback.export import export_snapshot
+    from instructloop.feedback.config import StoreConfig
+    from instructloop.feedback.errors import FeedbackError
+    from instructloop.feedback.export import export_snapshot
+
     from instructloop.running import resolve_redis_url
 
     redis_url, _ = resolve_redis_url(args.redis_url)

@@ -38,11 +38,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import redis
-
-from feedback.config import StoreConfig
-from feedback.errors import ExportError, StoreUnavailable
-from feedback.keys import Keys
-from feedback.records import CompletionRecord, FeedbackRecord
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import ExportError, StoreUnavailable
+from instructloop.feedback.keys import Keys
+from instructloop.feedback.records import CompletionRecord, FeedbackRecord
 
 FILES = ("rankings.jsonl", "preferences.jsonl", "sft.jsonl", "ptx.jsonl", "prompts.jsonl")
 _STREAM_ID = re.compile(r"^\d+-\d+$")

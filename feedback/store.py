@@ -41,14 +41,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
-from feedback.config import StoreConfig
-from feedback.errors import (
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import (
     IdempotencyConflict,
     InvalidFeedback,
     InvalidRecord,
@@ -56,9 +50,14 @@ from feedback.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from feedback.keys import Keys
-from feedback.records import RATING_SCALES, CompletionRecord, FeedbackRecord
-from feedback.write_channel import Endpoint, ScriptChannel
+from instructloop.feedback.keys import Keys
+from instructloop.feedback.records import RATING_SCALES, CompletionRecord, FeedbackRecord
+from instructloop.feedback.write_channel import Endpoint, ScriptChannel
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 # KEYS: 1 completion hash, 2 completion stream, 3 stats, 4.. response index keys
 # ARGV: 1 completion id, 2 record JSON, 3 ttl (0 = none), 4 stream maxlen (0 = none),

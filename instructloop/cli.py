@@ -57,9 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     _register_model(sub)
     # Each component's verbs; imports are light by contract (see module docstring).
-    from feedback import cli as feedback_cli
-    from serving import cli as serving_cli
-    from training import cli as training_cli
+    from instructloop.feedback import cli as feedback_cli
+    from instructloop.serving import cli as serving_cli
+    from instructloop.training import cli as training_cli
 
     for mod in (serving_cli, feedback_cli, training_cli):
         mod.register(sub)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
-from serving.config import EVENT_LOOPS
+from instructloop.serving.config import EVENT_LOOPS
 
 
 def _add_server_args(p: argparse.ArgumentParser) -> None:
@@ -135,7 +135,7 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
-    from serving.config import ServerConfig
+    from instructloop.serving.config import ServerConfig
 
     overrides: dict[str, Any] = {
         "model": args.model,
@@ -179,7 +179,7 @@ def _say(msg: str) -> None:
 
 async def _run_server(cfg: Any, on_ready: Callable[[Any], None] | None = None) -> int:
     """Start the server, show progress while the engine starts, serve until SIGINT/SIGTERM."""
-    from serving.server import InstructloopServer
+    from instructloop.serving.server import InstructloopServer
 
     server = InstructloopServer(cfg, progress=_say)
     stop = asyncio.Event()
@@ -281,7 +281,7 @@ def _engine_omp_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.config import ConfigError
+    from instructloop.serving.config import ConfigError
 
     _logging()
     _engine_omp_env(args)
@@ -339,12 +339,13 @@ def _stop_loop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     """Everything on one machine: Redis (unless REDIS_URL), the default model, the server."""
+    from instructloop.serving.config import ConfigError
+
     from instructloop.memory import GPU_SERVING_SHARE_WITH_TRAINING
     from instructloop.model_init import ModelInitError, init_default_model
     from instructloop.paths import data_dir, default_model_dir
     from instructloop.redis_server import RedisProcess, is_reachable
     from instructloop.running import RunningLoop, remove_running, write_running
-    from serving.config import ConfigError
 
     _logging()
     omp_env = _engine_omp_env(args)

@@ -48,9 +48,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructloop.serving.config import ServerConfig
+
 from instructloop.hardware import RESERVED_CORES_ENV, engine_reserved_cores
 from instructloop.memory import plan_cpu_serving
-from serving.config import ServerConfig
 
 log = logging.getLogger("instructloop.serving.engine")
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from instructloop.registry import ModelVersion, fingerprint
 
 if TYPE_CHECKING:
-    from serving.server import InstructloopServer
+    from instructloop.serving.server import InstructloopServer
 
 log = logging.getLogger("instructloop.serving.hot_swap")
 
@@ -59,7 +59,7 @@ class HotSwapper:
 
     async def run(self) -> None:
         """Forever (cancel to stop): subscribe, reconcile on each message and each poll. Redis
-        errors are logged and retried; they never stop the replica from serving."""
+        errors are logged and retried; they never stop the replica from instructloop.serving."""
         from instructloop.weight_sync import warm_validation
 
         with contextlib.suppress(Exception):  # an optimisation only; validation runs anyway

@@ -33,11 +33,22 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import FeedbackError
+from instructloop.feedback.records import CompletionRecord, ResponseRecord, new_id
+from instructloop.feedback.store import Ack, FeedbackStore
+from instructloop.serving.config import ConfigError, ServerConfig
+from instructloop.serving.engine import (
+    Admitted,
+    ChoiceDelta,
+    Engine,
+    EngineRequestError,
+    EngineUnavailable,
+    GenerationParams,
+)
+from instructloop.serving.hot_swap import HotSwapper
+from instructloop.serving.metrics import ServerMetrics
 
-from feedback.config import StoreConfig
-from feedback.errors import FeedbackError
-from feedback.records import CompletionRecord, ResponseRecord, new_id
-from feedback.store import Ack, FeedbackStore
 from instructloop.registry import AsyncModelRegistry, ModelVersion, RegistryError
 from instructloop.v1 import (
     completion_pb2,
@@ -47,17 +58,6 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
-from serving.config import ConfigError, ServerConfig
-from serving.engine import (
-    Admitted,
-    ChoiceDelta,
-    Engine,
-    EngineRequestError,
-    EngineUnavailable,
-    GenerationParams,
-)
-from serving.hot_swap import HotSwapper
-from serving.metrics import ServerMetrics
 
 log = logging.getLogger("instructloop.serving")
 _STOP_STEP_S = 5.0

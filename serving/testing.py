@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.config import ServerConfig
-from serving.engine import Engine
-from serving.server import InstructloopServer
+from instructloop.serving.config import ServerConfig
+from instructloop.serving.engine import Engine
+from instructloop.serving.server import InstructloopServer
 
 USER_KEY = "test-user-key"
 ADMIN_KEY = "test-admin-key"

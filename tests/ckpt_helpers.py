@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from serving.testing import perturb_checkpoint
+from instructloop.serving.testing import perturb_checkpoint
 
 __all__ = ["BF16_TIE", "edit_checkpoint", "hf_greedy", "perturb_checkpoint"]
 

@@ -78,7 +78,7 @@ def test_the_plan_says_what_it_gives_and_what_is_left() -> None:
 
 
 def test_the_server_config_refuses_what_the_plan_refuses() -> None:
-    from serving.config import ConfigError, ServerConfig
+    from instructloop.serving.config import ConfigError, ServerConfig
 
     with pytest.raises(ConfigError, match=r"cpu_kvcache_space_gib: .*whole GiB"):
         ServerConfig(cpu_kvcache_space_gib=0.5).validate()

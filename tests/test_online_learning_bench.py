@@ -42,8 +42,8 @@ def test_ranking_order_refuses_what_it_cannot_map() -> None:
 
 
 def test_ranking_order_with_the_simulated_labeller() -> None:
-    from training.data.constraints import ConstraintPrompt
-    from training.data.simulated_labeler import rank
+    from instructloop.training.data.constraints import ConstraintPrompt
+    from instructloop.training.data.simulated_labeler import rank
 
     p = ConstraintPrompt(
         id="t",

@@ -133,7 +133,7 @@ class LoopConfig:
 def create_app(cfg: LoopConfig) -> Celery:
     app = Celery("instructloop", broker=cfg.redis_url, backend=cfg.redis_url)
     app.conf.update(
-        include=["training.tasks"],
+        include=["instructloop.training.tasks"],
         task_default_queue=cfg.queue,
         task_create_missing_queues=True,
         worker_concurrency=1,
@@ -177,7 +177,7 @@ def loop_config() -> LoopConfig:
 
 @signals.task_prerun.connect
 def _on_task_prerun(task_id: str | None = None, **_kw: Any) -> None:
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     if task_id:
         loop_metrics.task_started(task_id)
@@ -187,7 +187,7 @@ def _on_task_prerun(task_id: str | None = None, **_kw: Any) -> None:
 def _on_task_postrun(
     task_id: str | None = None, task: Any = None, state: str | None = None, **_kw: Any
 ) -> None:
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     if task_id:
         loop_metrics.task_ended(task_id, getattr(task, "name", "unknown"), state or "UNKNOWN")
@@ -195,7 +195,7 @@ def _on_task_postrun(
 
 @signals.task_revoked.connect
 def _on_task_revoked(request: Any = None, **_kw: Any) -> None:
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     name = getattr(request, "task_name", None) or getattr(request, "name", None) or "unknown"
     loop_metrics.TASKS.labels(task=name, state="REVOKED").inc()
@@ -203,7 +203,7 @@ def _on_task_revoked(request: Any = None, **_kw: Any) -> None:
 
 @signals.worker_process_shutdown.connect
 def _on_child_exit(pid: int | None = None, **_kw: Any) -> None:
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     loop_metrics.mark_process_dead(pid or os.getpid())
 
@@ -212,7 +212,7 @@ def _on_child_exit(pid: int | None = None, **_kw: Any) -> None:
 def _on_worker_init(**_kw: Any) -> None:
     port = os.environ.get("INSTRUCTLOOP_WORKER_METRICS_PORT")
     if port and int(port) > 0:
-        from training import loop_metrics
+        from instructloop.training import loop_metrics
 
         loop_metrics.start_metrics_server(int(port))
 

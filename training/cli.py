@@ -19,14 +19,24 @@ import sys
 from pathlib import Path
 
 STAGES = {
-    "sft": ("SFTConfig", "training.sft", "run_sft", "supervised fine-tuning on demonstrations"),
+    "sft": (
+        "SFTConfig",
+        "instructloop.training.sft",
+        "run_sft",
+        "supervised fine-tuning on demonstrations",
+    ),
     "rm": (
         "RewardModelConfig",
-        "training.reward_model",
+        "instructloop.training.reward_model",
         "run_reward_model",
         "reward model on K-way rankings (InstructGPT eq. 1)",
     ),
-    "ppo": ("PPOConfig", "training.ppo", "run_ppo", "PPO-ptx against a reward model (eq. 2)"),
+    "ppo": (
+        "PPOConfig",
+        "instructloop.training.ppo",
+        "run_ppo",
+        "PPO-ptx against a reward model (eq. 2)",
+    ),
 }
 
 
@@ -34,7 +44,7 @@ def _train(args: argparse.Namespace) -> int:
     import dataclasses
     import importlib
 
-    from training import config as config_mod
+    from instructloop.training import config as config_mod
 
     cls_name, module, func_name, _ = STAGES[args.stage]
     cls = getattr(config_mod, cls_name)
@@ -48,8 +58,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run = getattr(importlib.import_module(module), func_name)
-    from training.checkpoint import CheckpointError
-    from training.common import DataError
+    from instructloop.training.checkpoint import CheckpointError
+    from instructloop.training.common import DataError
 
     try:
         info = run(cfg)
@@ -68,7 +78,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Add this component's verbs to the top-level parser."""
-    from training import eval_cli, loop_cli
+    from instructloop.training import eval_cli, loop_cli
 
     loop_cli.register(sub)  # worker, beat, cycle run/cancel/status, model register
     eval_cli.register(sub)  # eval

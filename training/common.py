@@ -28,9 +28,8 @@ from instructloop.hardware import (  # noqa: F401  (re-exported for the stages)
 
 if TYPE_CHECKING:
     import torch
+    from instructloop.training.config import StageConfig
     from transformers import PreTrainedTokenizerBase
-
-    from training.config import StageConfig
 
 # No hub downloads at run time: every model here is a local directory.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

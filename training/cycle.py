@@ -58,11 +58,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from instructloop.training.common import PROGRESS_FILE_ENV
+from instructloop.training.locks import CycleLock, Holder, Lease, LockLost
+from instructloop.training.recipes import DEFAULT_RECIPE, recipe
 
 from instructloop.memory import available_gib
-from training.common import PROGRESS_FILE_ENV
-from training.locks import CycleLock, Holder, Lease, LockLost
-from training.recipes import DEFAULT_RECIPE, recipe
 
 STEPS: tuple[str, ...] = ("snapshot", "reward_model", "ppo", "evaluate", "gate", "promote")
 HEAVY_STEPS = frozenset({"reward_model", "ppo", "evaluate"})
@@ -147,8 +147,8 @@ class CycleConfig:
 
     launcher: list[str] = field(default_factory=list)
     """Command prefix for the heavy steps, e.g. ["torchrun", "--nproc-per-node=4"] or
-    ["accelerate", "launch"]; the cycle appends ["-m", "training.cycle", ...]. Empty: the
-    worker's Python. Rank 0 writes the step's result."""
+    ["accelerate", "launch"]; the cycle appends ["-m", "instructloop.training.cycle", ...].
+    Empty: the worker's Python. Rank 0 writes the step's result."""
 
     gate_min_win_rate_rm: float = 0.5
     """Gate: the candidate's win rate against the serving policy, judged by the new reward
@@ -398,7 +398,7 @@ class CycleStore:
 
     def feedback_stats(self) -> dict[str, int]:
         """The feedback store's counters: completions, feedback:<kind>."""
-        from feedback.keys import Keys
+        from instructloop.feedback.keys import Keys
 
         raw = self.client.hgetall(Keys(self.prefix).stats)
         return {_s(k): int(v) for k, v in raw.items()}
@@ -463,7 +463,7 @@ class StepResult:
 def step_snapshot(ctx: StepContext) -> StepResult:
     """1. A consistent export of the feedback, recording the feedback ids it holds; and the
     version serving now, which this cycle trains from and compares against."""
-    from training import loop_adapters as ad
+    from instructloop.training import loop_adapters as ad
 
     live = ad.live_model(ctx.redis_url, ctx.prefix)
     if live is None:
@@ -577,7 +577,7 @@ def gate_checks(cfg: CycleConfig, m: dict[str, Any]) -> dict[str, bool]:
 def step_gate(ctx: StepContext) -> StepResult:
     """5a. Apply the gate and register the candidate with its lineage (parent, data snapshot,
     metrics, gate result), passed or not: a failed candidate stays inspectable."""
-    from training import loop_adapters as ad
+    from instructloop.training import loop_adapters as ad
 
     snap = ctx.outputs["snapshot"]
     metrics = dict(ctx.outputs["evaluate"]["metrics"])
@@ -604,7 +604,7 @@ def step_gate(ctx: StepContext) -> StepResult:
 
 def step_promote(ctx: StepContext) -> StepResult:
     """5b. Make the candidate live if the gate passed (the registry notifies the servers)."""
-    from training import loop_adapters as ad
+    from instructloop.training import loop_adapters as ad
 
     gate = ctx.outputs["gate"]
     parent = ctx.outputs["snapshot"]["parent_version"]
@@ -721,7 +721,12 @@ def run_heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
     progress_path = ctx.dir / "progress.json"
     out_path.unlink(missing_ok=True)
     in_path.write_text(json.dumps({"func": func, "kwargs": kwargs}))
-    cmd = [*(ctx.config.launcher or [sys.executable]), "-m", "training.cycle", "run-step"]
+    cmd = [
+        *(ctx.config.launcher or [sys.executable]),
+        "-m",
+        "instructloop.training.cycle",
+        "run-step",
+    ]
     cmd += [str(in_path), str(out_path)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env[PROGRESS_FILE_ENV] = str(progress_path)  # the stage's Progress writes it
@@ -879,7 +884,7 @@ def _child_main(in_path: str, out_path: str) -> int:
     """The heavy step's subprocess: call the adapter, write {"result"} or {"error"}."""
     _guard_group()
     _lower_priority()
-    from training import loop_adapters
+    from instructloop.training import loop_adapters
 
     spec = json.loads(Path(in_path).read_text())
     rank0 = int(os.environ.get("RANK", "0")) == 0
@@ -931,7 +936,7 @@ def run_step(
     Raises CycleError after recording a failure (so Celery marks the task failed and the chain
     stops); returns a StepRun otherwise.
     """
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     if step not in STEP_FUNCS:
         raise ValueError(f"unknown step {step!r}")
@@ -1081,7 +1086,7 @@ def _step_ended(
     t0: float,
     error: str = "",
 ) -> None:
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     seconds = time.monotonic() - t0
     entry = {
@@ -1106,7 +1111,7 @@ def _end(
     error: str | None = None,
 ) -> None:
     """Finalize (once), release the lock if still ours, count it."""
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     extra = {"failed_step": step} if state == "failed" else {}
     if store.finalize(rec.id, state, reason, **extra):
@@ -1151,7 +1156,7 @@ def start_cycle(
 ) -> CycleStart:
     """Take the cycle lock and send the cycle's chain of tasks. Raises CycleBusy when another
     cycle holds the lock (the caller decides: `cycle run` refuses, beat skips the tick)."""
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     store = CycleStore(client, prefix, lock_ttl_s)
     cycle_id = new_cycle_id()
@@ -1217,7 +1222,7 @@ def resume_stalled(app: Any, store: CycleStore, queue: str) -> str | None:
         return None
     store.set_step_state(rec.id, step, {**st, "state": "interrupted"})
     _send_chain(app, store, rec.id, rec.token, STEPS[STEPS.index(step) :], queue)
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     loop_metrics.trigger("resume", "started")
     return rec.id
@@ -1257,7 +1262,7 @@ def cancel_cycle(app: Any, store: CycleStore, cycle_id: str, force: bool = False
         app.control.revoke(rec.task_ids)
     if force:
         if store.finalize(cycle_id, "cancelled", "cancelled by request (forced)"):
-            from training import loop_metrics
+            from instructloop.training import loop_metrics
 
             loop_metrics.cycle_finished("cancelled")
         store.lock.release(rec.holder)

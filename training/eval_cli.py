@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from training.evaluate import EvalConfig, evaluate, format_table
+    from instructloop.training.evaluate import EvalConfig, evaluate, format_table
 
     try:
         cfg = EvalConfig(

@@ -23,14 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.data.constraints import (
+from instructloop.training.data.constraints import (
     ConstraintPrompt,
     IFEvalAccuracy,
     accuracy,
     generate_prompts,
     paired_gain,
 )
-from training.judges import ConstraintJudge, RewardModelJudge, WinRate, judge_win_rate
+from instructloop.training.judges import ConstraintJudge, RewardModelJudge, WinRate, judge_win_rate
 
 if TYPE_CHECKING:
     import torch
@@ -182,9 +182,8 @@ def model_lm_loss(
 ) -> LMLoss:
     """`lm_loss` of a checkpoint, loaded in float32 (bf16 logits would blur a 2% difference)."""
     import torch
+    from instructloop.training.common import resolve_device
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.common import resolve_device
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -204,7 +203,7 @@ def generate_answers(
     temperature: float = 0.0,
 ) -> list[str]:
     """One answer per prompt from a fresh vLLM engine on `model_dir` (closed afterwards)."""
-    from training.data.generation import Sampler
+    from instructloop.training.data.generation import Sampler
 
     with Sampler(model_dir) as s:
         outs = s.sample(

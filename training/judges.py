@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from training.data.constraints import ConstraintPrompt, score
+from instructloop.training.data.constraints import ConstraintPrompt, score
 
 
 class Judge(Protocol):
@@ -103,8 +103,8 @@ class RewardModelJudge:
     def __init__(
         self, path: str | Path, *, device: str = "auto", batch_size: int = 8, max_length: int = 1024
     ) -> None:
-        from training.common import resolve_device
-        from training.reward_model import RewardScorer
+        from instructloop.training.common import resolve_device
+        from instructloop.training.reward_model import RewardScorer
 
         self.path = str(path)
         self.scorer: Any = RewardScorer(
@@ -115,7 +115,7 @@ class RewardModelJudge:
         return [float(x) for x in self.scorer.score(list(prompt_texts), list(responses))]
 
     def scores(self, prompts: Sequence[ConstraintPrompt], responses: Sequence[str]) -> list[float]:
-        from training.data.generation import chat_prompt_text
+        from instructloop.training.data.generation import chat_prompt_text
 
         texts = [chat_prompt_text(self.scorer.tokenizer, p.prompt) for p in prompts]
         return self.scores_text(texts, responses)

@@ -79,7 +79,7 @@ def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "r
     """`instructloop model register PATH`: add an existing checkpoint directory; its version.
     Lineage (parent, data snapshot, metrics) comes from the checkpoint's manifest.json when it
     has one."""
-    from training.checkpoint import CheckpointError, read_checkpoint
+    from instructloop.training.checkpoint import CheckpointError, read_checkpoint
 
     parent = data_snapshot = None
     metrics: dict[str, float] = {}
@@ -116,8 +116,8 @@ def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "r
 
 def export_snapshot(redis_url: str, prefix: str, out_dir: str | Path) -> dict[str, Any]:
     """A consistent export of all feedback so far (feedback/export.py)."""
-    from feedback.config import StoreConfig
-    from feedback.export import export_snapshot as _export
+    from instructloop.feedback.config import StoreConfig
+    from instructloop.feedback.export import export_snapshot as _export
 
     m = _export(redis_url, Path(out_dir), config=StoreConfig(key_prefix=prefix))
     return {
@@ -132,7 +132,7 @@ def export_snapshot(redis_url: str, prefix: str, out_dir: str | Path) -> dict[st
 
 
 def _stage_config(cls: type, overrides: dict[str, Any], fixed: dict[str, Any]) -> Any:
-    from training.config import config_from_dict
+    from instructloop.training.config import config_from_dict
 
     clash = sorted(set(overrides) & set(fixed))
     if clash:
@@ -157,7 +157,7 @@ def train_reward_model(
     snapshot_id: str,
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    from training.config import RewardModelConfig
+    from instructloop.training.config import RewardModelConfig
 
     cfg = _stage_config(
         RewardModelConfig,
@@ -172,7 +172,7 @@ def train_reward_model(
             "progress": False,
         },
     )
-    from training.reward_model import run_reward_model
+    from instructloop.training.reward_model import run_reward_model
 
     info = run_reward_model(cfg)
     metrics = _numbers(info.metrics)
@@ -191,7 +191,7 @@ def train_ppo(
     snapshot_id: str,
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    from training.config import PPOConfig
+    from instructloop.training.config import PPOConfig
 
     snap = Path(snapshot_dir)
     fixed: dict[str, Any] = {
@@ -208,7 +208,7 @@ def train_ppo(
     if "ptx_path" not in overrides:
         fixed["ptx_path"] = str(snap / "ptx.jsonl")
     cfg = _stage_config(PPOConfig, overrides, fixed)  # a bad override fails before any import
-    from training.ppo import run_ppo
+    from instructloop.training.ppo import run_ppo
 
     info = run_ppo(cfg)
     metrics = _numbers(info.metrics)
@@ -234,8 +234,8 @@ def evaluate(
     IFEval's instructions programmatically, so it cannot be gamed through the reward model."""
     import json
 
-    from training.evaluate import EvalConfig
-    from training.evaluate import evaluate as run_eval
+    from instructloop.training.evaluate import EvalConfig
+    from instructloop.training.evaluate import evaluate as run_eval
 
     fixed = {"policy": candidate, "baseline": serving, "reward_model": reward_model}
     clash = sorted(set(overrides) & set(fixed))

@@ -61,7 +61,7 @@ def _loop_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _loop_config(args: argparse.Namespace) -> Any:
-    from training.celery_app import LoopConfig
+    from instructloop.training.celery_app import LoopConfig
 
     env = dict(os.environ)
     env.update(_loop_env(args))
@@ -89,7 +89,7 @@ def _worker(args: argparse.Namespace) -> int:
     env["REDIS_URL"] = cfg.redis_url
     env["INSTRUCTLOOP_WORKER_METRICS_PORT"] = str(args.metrics_port)
     mp_dir = Path(args.metrics_dir or tempfile.mkdtemp(prefix="instructloop-worker-metrics-"))
-    from training.loop_metrics import MULTIPROC_ENV
+    from instructloop.training.loop_metrics import MULTIPROC_ENV
 
     if mp_dir.exists():
         for f in mp_dir.glob("*.db"):  # stale samples of an earlier run would be summed in
@@ -98,7 +98,7 @@ def _worker(args: argparse.Namespace) -> int:
     env[MULTIPROC_ENV] = str(mp_dir)
     env.setdefault("HF_HUB_OFFLINE", "1")
     cmd = [
-        sys.executable, "-m", "celery", "-A", "training.celery_app", "worker",
+        sys.executable, "-m", "celery", "-A", "instructloop.training.celery_app", "worker",
         "-Q", cfg.queue, "-c", "1", "-P", args.pool,
         "--prefetch-multiplier", "1",
         "--loglevel", args.loglevel,
@@ -121,7 +121,7 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _beat(args: argparse.Namespace) -> int:
-    from training.cycle import CycleConfig
+    from instructloop.training.cycle import CycleConfig
 
     try:
         cycle_cfg = CycleConfig.load(args.cycle_config)
@@ -131,11 +131,11 @@ def _beat(args: argparse.Namespace) -> int:
         return _err("--tick must be positive")
     os.environ.update(_loop_env(args))  # before training.celery_app builds its app
     try:
-        from training.celery_app import TICK_TASK, LockedScheduler, app, loop_config
+        from instructloop.training.celery_app import TICK_TASK, LockedScheduler, app, loop_config
     except ValueError as e:
         return _err(str(e))
-    from training.cycle import LoopKeys, redis_client
-    from training.locks import BeatLock
+    from instructloop.training.cycle import LoopKeys, redis_client
+    from instructloop.training.locks import BeatLock
 
     cfg = loop_config()
     with redis_client(cfg.redis_url) as client:
@@ -179,7 +179,7 @@ def _beat(args: argparse.Namespace) -> int:
 
             Beat(
                 app=app,
-                scheduler="training.celery_app:LockedScheduler",
+                scheduler="instructloop.training.celery_app:LockedScheduler",
                 max_interval=max(1, cfg.beat_lock_ttl_s // 3),
                 loglevel=args.loglevel,
             ).run()
@@ -195,7 +195,7 @@ def _beat(args: argparse.Namespace) -> int:
 
 
 def _store(cfg: Any, client: Any) -> Any:
-    from training.cycle import CycleStore
+    from instructloop.training.cycle import CycleStore
 
     return CycleStore(client, cfg.key_prefix, cfg.lock_ttl_s)
 
@@ -209,7 +209,7 @@ def _fmt_step(name: str, st: dict[str, Any]) -> str:
 
 
 def _print_record(rec: Any, store: Any) -> None:
-    from training.cycle import STEPS
+    from instructloop.training.cycle import STEPS
 
     print(f"cycle {rec.id}: {rec.state}  (trigger {rec.trigger}, token {rec.token})")
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(rec.created_at))
@@ -221,7 +221,7 @@ def _print_record(rec: Any, store: Any) -> None:
     if rec.parent_version:
         cand = f" -> candidate {rec.candidate_version}" if rec.candidate_version else ""
         print(f"  from {rec.parent_version}{cand}")
-    from training.status import format_progress
+    from instructloop.training.status import format_progress
 
     for s in STEPS:
         st = rec.steps.get(s, {})
@@ -249,8 +249,8 @@ PROGRESS_EVERY_S = 15.0
 
 
 def _wait(store: Any, cycle_id: str, timeout: float | None) -> int:
-    from training.cycle import TERMINAL
-    from training.status import format_progress
+    from instructloop.training.cycle import TERMINAL
+    from instructloop.training.status import format_progress
 
     seen: dict[str, str] = {}
     shown, shown_at = "", 0.0
@@ -283,14 +283,14 @@ def _wait(store: Any, cycle_id: str, timeout: float | None) -> int:
 
 
 def _cycle_run(args: argparse.Namespace) -> int:
-    from training.cycle import CycleBusy, CycleConfig, redis_client, start_cycle
+    from instructloop.training.cycle import CycleBusy, CycleConfig, redis_client, start_cycle
 
     try:
         cfg = _loop_config(args)
         cycle_cfg = CycleConfig.load(args.config)
     except ValueError as e:
         return _err(str(e))
-    from training.celery_app import create_app
+    from instructloop.training.celery_app import create_app
 
     app = create_app(cfg)
     with redis_client(cfg.redis_url) as client:
@@ -313,13 +313,13 @@ def _cycle_run(args: argparse.Namespace) -> int:
 
 
 def _cycle_cancel(args: argparse.Namespace) -> int:
-    from training.cycle import cancel_cycle, redis_client
+    from instructloop.training.cycle import cancel_cycle, redis_client
 
     try:
         cfg = _loop_config(args)
     except ValueError as e:
         return _err(str(e))
-    from training.celery_app import create_app
+    from instructloop.training.celery_app import create_app
 
     with redis_client(cfg.redis_url) as client:
         store = _store(cfg, client)
@@ -342,7 +342,7 @@ def _cycle_cancel(args: argparse.Namespace) -> int:
 
 
 def _cycle_status(args: argparse.Namespace) -> int:
-    from training.cycle import redis_client
+    from instructloop.training.cycle import redis_client
 
     try:
         cfg = _loop_config(args)
@@ -371,11 +371,11 @@ def _cycle_status(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     import redis
+    from instructloop.training.cycle import redis_client
+    from instructloop.training.status import gather, render
 
     from instructloop.registry import RegistryError
     from instructloop.running import read_running, resolve_redis_url
-    from training.cycle import redis_client
-    from training.status import gather, render
 
     try:
         cfg = _loop_config(args)
@@ -432,7 +432,7 @@ def _model_list(args: argparse.Namespace) -> int:
 
 
 def _model_register(args: argparse.Namespace) -> int:
-    from training import loop_adapters
+    from instructloop.training import loop_adapters
 
     try:
         cfg = _loop_config(args)

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.checkpoint import CheckpointInfo, save_state_dict, write_checkpoint
-from training.common import (
+from instructloop.training.checkpoint import CheckpointInfo, save_state_dict, write_checkpoint
+from instructloop.training.common import (
     DataError,
     MetricsLog,
     adamw,
@@ -53,8 +53,8 @@ from training.common import (
     set_seed,
     train_model_kwargs,
 )
-from training.config import ConfigError, PPOConfig, config_to_dict, validate
-from training.losses import (
+from instructloop.training.config import ConfigError, PPOConfig, config_to_dict, validate
+from instructloop.training.losses import (
     entropy_from_logprobs,
     gae,
     kl_estimate,
@@ -64,13 +64,18 @@ from training.losses import (
     ptx_loss,
     value_loss,
 )
-from training.reward_model import backbone_and_head, token_scores
-from training.trunk import freeze_lower, lower_hidden, pad_hidden, same_trunk, upper_hidden
+from instructloop.training.reward_model import backbone_and_head, token_scores
+from instructloop.training.trunk import (
+    freeze_lower,
+    lower_hidden,
+    pad_hidden,
+    same_trunk,
+    upper_hidden,
+)
 
 if TYPE_CHECKING:
     import torch
-
-    from training.rollout import Rollout, RolloutEngine
+    from instructloop.training.rollout import Rollout, RolloutEngine
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 """A programmatic reward: (prompt texts, response texts) -> one score per response."""
@@ -630,9 +635,8 @@ def load_models(cfg: PPOConfig, device: torch.device) -> tuple[Any, Any, Any, An
     """(actor, reference or None with LoRA, critic, reward scorer or None, policy path, the
     frozen-trunk split of `trainable_layers`)."""
     import torch
+    from instructloop.training.reward_model import RewardScorer
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from training.reward_model import RewardScorer
 
     policy_path = resolve_model_path(cfg.policy_path)
     kw = train_model_kwargs(cfg, device)
@@ -782,7 +786,7 @@ def run_ppo(
 
     own_engine = engine is None
     if engine is None:
-        from training.rollout import RolloutEngine
+        from instructloop.training.rollout import RolloutEngine
 
         engine = RolloutEngine(
             policy_path,

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.checkpoint import CheckpointInfo, write_checkpoint
-from training.common import (
+from instructloop.training.checkpoint import CheckpointInfo, write_checkpoint
+from instructloop.training.common import (
     DataError,
     MetricsLog,
     Progress,
@@ -51,9 +51,14 @@ from training.common import (
     split_rows,
     train_model_kwargs,
 )
-from training.config import ConfigError, RewardModelConfig, config_to_dict, validate
-from training.losses import cosine_lr_factor, kway_ranking_loss, ordered_pairs, pairwise_accuracy
-from training.trunk import freeze_lower, lower_hidden, pad_hidden, upper_hidden
+from instructloop.training.config import ConfigError, RewardModelConfig, config_to_dict, validate
+from instructloop.training.losses import (
+    cosine_lr_factor,
+    kway_ranking_loss,
+    ordered_pairs,
+    pairwise_accuracy,
+)
+from instructloop.training.trunk import freeze_lower, lower_hidden, pad_hidden, upper_hidden
 
 if TYPE_CHECKING:
     import torch
@@ -338,7 +343,7 @@ def run_reward_model(cfg: RewardModelConfig) -> CheckpointInfo:
     if not train:
         raise DataError(f"{cfg.train_path}: no ranking with at least one strict preference")
     if cfg.reference_path:
-        from training.sft import load_demonstrations
+        from instructloop.training.sft import load_demonstrations
 
         reference = [d.ids for _, d in load_demonstrations(cfg.reference_path, tok, cfg.max_length)]
     else:

@@ -45,7 +45,7 @@ class RolloutEngine:
         gpu_memory_utilization: float = 0.3,
     ) -> None:
         # Read by the CPU backend when the engine starts; a small cache leaves room for training.
-        from training.common import offline_engine_env
+        from instructloop.training.common import offline_engine_env
 
         offline_engine_env(kv_cache_gib)
         from vllm import LLM
@@ -53,7 +53,7 @@ class RolloutEngine:
         from instructloop.weight_sync import engine_kwargs
 
         self.model_dir = str(model_dir)
-        from training.common import engine_dtype
+        from instructloop.training.common import engine_dtype
 
         dtype = engine_dtype(self.model_dir, dtype)
         self.llm: Any = LLM(

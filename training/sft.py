@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.checkpoint import CheckpointInfo, write_checkpoint
-from training.common import (
+from instructloop.training.checkpoint import CheckpointInfo, write_checkpoint
+from instructloop.training.common import (
     DataError,
     MetricsLog,
     adamw,
@@ -38,8 +38,8 @@ from training.common import (
     split_rows,
     train_model_kwargs,
 )
-from training.config import ConfigError, SFTConfig, config_to_dict, validate
-from training.losses import cosine_lr_factor, lm_loss
+from instructloop.training.config import ConfigError, SFTConfig, config_to_dict, validate
+from instructloop.training.losses import cosine_lr_factor, lm_loss
 
 if TYPE_CHECKING:
     import torch
@@ -126,7 +126,7 @@ def run_sft(cfg: SFTConfig) -> CheckpointInfo:
     )
     scorer = None
     if cfg.reward_model_path:
-        from training.reward_model import RewardScorer
+        from instructloop.training.reward_model import RewardScorer
 
         scorer = RewardScorer(cfg.reward_model_path, device=device, max_length=cfg.max_length)
     select_by = "rm_score" if scorer is not None else "val_loss"

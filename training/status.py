@@ -13,10 +13,10 @@ import time
 from typing import Any
 
 import redis
+from instructloop.training.cycle import STEPS, TERMINAL, CycleRecord, CycleStore
 
 from instructloop.registry import ModelRegistry
 from instructloop.running import RunningLoop
-from training.cycle import STEPS, TERMINAL, CycleRecord, CycleStore
 
 # The gate figures worth a line each (training/loop_adapters.py: evaluate's names).
 GATE_FIGURES = (

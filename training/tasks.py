@@ -19,9 +19,8 @@ from typing import Any
 
 from celery import signals
 from celery.exceptions import Ignore
-
-from training.celery_app import TICK_TASK, app, loop_config
-from training.cycle import (
+from instructloop.training.celery_app import TICK_TASK, app, loop_config
+from instructloop.training.cycle import (
     STEPS,
     CycleBusy,
     CycleConfig,
@@ -95,7 +94,7 @@ def tick(
 ) -> dict[str, Any]:
     """Beat's periodic check: resume a cycle whose worker died; else start a cycle if the
     schedule or the threshold says so."""
-    from training import loop_metrics
+    from instructloop.training import loop_metrics
 
     cfg = loop_config()
     with redis_client(cfg.redis_url) as client:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from feedback.records import CompletionRecord, ResponseRecord, new_id
+from instructloop.feedback.records import CompletionRecord, ResponseRecord, new_id
 
 
 def make_completion(

@@ -11,10 +11,10 @@ import pytest
 import redis
 import uvloop
 from fb_helpers import ids, make_completion
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import StoreUnavailable
+from instructloop.feedback.store import Ack, FeedbackStore
 
-from feedback.config import StoreConfig
-from feedback.errors import StoreUnavailable
-from feedback.store import Ack, FeedbackStore
 from instructloop.redis_server import RedisProcess
 
 

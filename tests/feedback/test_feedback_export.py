@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 from fb_helpers import ids, make_completion
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import ExportError
+from instructloop.feedback.export import ExportManifest, export_snapshot, feedback_since
+from instructloop.feedback.records import CompletionRecord
+from instructloop.feedback.store import FeedbackStore
 
-from feedback.config import StoreConfig
-from feedback.errors import ExportError
-from feedback.export import ExportManifest, export_snapshot, feedback_since
-from feedback.records import CompletionRecord
-from feedback.store import FeedbackStore
 from instructloop.cli import main as cli_main
 
 

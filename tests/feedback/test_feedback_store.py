@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 from fb_helpers import db_state, ids, make_completion
-
-from feedback.config import StoreConfig
-from feedback.errors import (
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import (
     IdempotencyConflict,
     InvalidFeedback,
     InvalidRecord,
@@ -22,8 +21,9 @@ from feedback.errors import (
     RateLimited,
     StoreUnavailable,
 )
-from feedback.records import CompletionRecord, FeedbackRecord
-from feedback.store import FeedbackStore, normalize_ranks
+from instructloop.feedback.records import CompletionRecord, FeedbackRecord
+from instructloop.feedback.store import FeedbackStore, normalize_ranks
+
 from instructloop.redis_server import free_port
 
 
@@ -364,7 +364,7 @@ async def test_retried_write_is_recognised_not_doubled(
     rec = await logged(store, 2)
     for n, key in enumerate([None, "k"], start=1):
         fixed = uuid.UUID(int=n)
-        monkeypatch.setattr("feedback.store.uuid.uuid4", lambda fixed=fixed: fixed)
+        monkeypatch.setattr("instructloop.feedback.store.uuid.uuid4", lambda fixed=fixed: fixed)
         first = await store.submit_rating(
             user_id="u", idempotency_key=key, response_id=ids(rec)[0], scale="thumb", score=1
         )

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from instructloop.training.cycle import _die_with_parent
+
 from instructloop.redis_server import free_port
-from training.cycle import _die_with_parent
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -136,9 +137,9 @@ ANSWERS = ["blue", "It is a big blue sea.", "hat", "four", "Redis is fast.", "a 
 def seed_feedback(redis_url: str, n: int = 8, k: int = 4, prefix: str = "il:") -> list[str]:
     """Log `n` completions of k responses and rank each (shorter answers first: a
     programmatic preference); returns the feedback ids."""
-    from feedback.config import StoreConfig
-    from feedback.records import CompletionRecord, ResponseRecord, new_id
-    from feedback.store import FeedbackStore
+    from instructloop.feedback.config import StoreConfig
+    from instructloop.feedback.records import CompletionRecord, ResponseRecord, new_id
+    from instructloop.feedback.store import FeedbackStore
 
     async def go() -> list[str]:
         store = FeedbackStore.from_url(

@@ -8,11 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loop_helpers import build_tiny_llama, seed_feedback
-
-from instructloop.registry import ModelRegistry
-from training.celery_app import LoopConfig
-from training.cycle import (
+from instructloop.training.celery_app import LoopConfig
+from instructloop.training.cycle import (
     STEPS,
     CycleConfig,
     CycleStore,
@@ -20,7 +17,10 @@ from training.cycle import (
     gate_checks,
     run_step,
 )
-from training.locks import Holder
+from instructloop.training.locks import Holder
+from loop_helpers import build_tiny_llama, seed_feedback
+
+from instructloop.registry import ModelRegistry
 
 
 def _run(step: str, cycle_id: str, token: int, redis_client: Any, redis_url: str) -> Any:
@@ -258,8 +258,8 @@ def test_not_enough_feedback_fails_with_reason(
 def test_resume_stalled_resends_the_rest_of_the_chain_once(
     redis_client: Any, redis_url: str, tmp_path: Path
 ) -> None:
-    from training.celery_app import LoopConfig, create_app
-    from training.cycle import resume_stalled
+    from instructloop.training.celery_app import LoopConfig, create_app
+    from instructloop.training.cycle import resume_stalled
 
     app = create_app(LoopConfig(redis_url=redis_url))
     store = CycleStore(redis_client, "il:", 60)
@@ -314,7 +314,7 @@ def test_a_heavy_step_without_the_memory_it_needs_is_refused(
 ) -> None:
     """The reward-model step needs more memory than is free: it does not start (no subprocess,
     nothing written), the cycle fails with a message that says so, and the live version stays."""
-    from training.cycle import CycleError
+    from instructloop.training.cycle import CycleError
 
     reg, v1, _ = two_versions
     store = CycleStore(redis_client, "il:")

@@ -27,6 +27,7 @@ from typing import Any
 
 import grpc
 import pytest
+from instructloop.serving.testing import Served, running_server
 from loop_helpers import (
     ANSWER_SET,
     REPO,
@@ -45,7 +46,6 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
-from serving.testing import Served, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
-
-from training.locks import BeatLock, CycleLock, Holder
+from instructloop.training.locks import BeatLock, CycleLock, Holder
 
 
 @pytest.fixture

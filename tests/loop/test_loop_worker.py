@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from instructloop.training.cycle import STEPS, TERMINAL, CycleStore
 from loop_helpers import (
     REPO,
     cli,
@@ -25,7 +26,6 @@ from loop_helpers import (
 )
 
 from instructloop.registry import ModelRegistry
-from training.cycle import STEPS, TERMINAL, CycleStore
 
 pytestmark = pytest.mark.slow
 

@@ -21,6 +21,9 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from instructloop.serving.testing import RECONNECT_EVERY_SECOND
+from instructloop.training.data.constraints import generate_prompts
+from instructloop.training.data.simulated_labeler import rank, ranking_order
 
 from instructloop.paths import DEFAULT_MODEL_NAME
 from instructloop.redis_server import free_port
@@ -33,9 +36,6 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
-from serving.testing import RECONNECT_EVERY_SECOND
-from training.data.constraints import generate_prompts
-from training.data.simulated_labeler import rank, ranking_order
 
 USER, ADMIN = "up-user", "up-admin"
 K = 4

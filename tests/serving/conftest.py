@@ -19,8 +19,7 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
-
-from serving.testing import Served, running_server
+from instructloop.serving.testing import Served, running_server
 
 SERVING_DB = 14
 

@@ -8,15 +8,15 @@ from typing import Any
 
 import grpc
 import redis
+from instructloop.feedback.keys import Keys
+from instructloop.serving.testing import Served
 
-from feedback.keys import Keys
 from instructloop.v1 import (
     completion_pb2,
     completion_pb2_grpc,
     feedback_pb2_grpc,
     model_pb2_grpc,
 )
-from serving.testing import Served
 
 PREFIX = "il:"
 

@@ -37,11 +37,11 @@ import pytest
 import pytest_asyncio
 import redis
 from ckpt_helpers import QUESTIONS, chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
+from instructloop.serving.testing import Served, running_server
 from serving_helpers import chat, redis_state, rpc_error, stored_completion, stubs
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2, model_pb2
-from serving.testing import Served, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

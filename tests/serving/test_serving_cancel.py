@@ -9,10 +9,10 @@ import time
 import grpc
 import pytest
 import redis
+from instructloop.serving.testing import Served
 from serving_helpers import redis_state, rpc_error, stubs
 
 from instructloop.v1 import completion_pb2
-from serving.testing import Served
 
 pytestmark = pytest.mark.engine
 

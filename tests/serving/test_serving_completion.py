@@ -12,12 +12,12 @@ import grpc
 import pytest
 import redis
 from ckpt_helpers import BF16_TIE
+from instructloop.serving.testing import Served
 from serving_helpers import chat, redis_state, stored_completion, stubs
 
 from instructloop.hardware import engine_dtype
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2
-from serving.testing import Served
 
 pytestmark = pytest.mark.engine
 

@@ -66,8 +66,8 @@ def data_dir(tiny_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> P
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A short SFT run on the tiny model (selection by validation loss)."""
-    from training.config import SFTConfig
-    from training.sft import run_sft
+    from instructloop.training.config import SFTConfig
+    from instructloop.training.sft import run_sft
 
     out = tmp_path_factory.mktemp("ckpt") / "sft"
     cfg = SFTConfig(
@@ -87,8 +87,8 @@ def tiny_sft(tiny_model_dir: Path, data_dir: Path, tmp_path_factory: pytest.Temp
 @pytest.fixture(scope="session")
 def tiny_rm(tiny_sft: Any, data_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """A reward model trained from the tiny SFT checkpoint on the synthetic rankings."""
-    from training.config import RewardModelConfig
-    from training.reward_model import run_reward_model
+    from instructloop.training.config import RewardModelConfig
+    from instructloop.training.reward_model import run_reward_model
 
     out = tmp_path_factory.mktemp("ckpt") / "rm"
     cfg = RewardModelConfig(
@@ -110,7 +110,7 @@ def rollout_engine(tiny_sft: Any, data_dir: Path, tiny_tokenizer: Any) -> Iterat
     run_ppo loads its actor into it first. `engine.initial_greedy` keeps its greedy tokens on
     `greedy_prompts` taken right after start (a fresh engine on the SFT checkpoint), whatever
     the tests do to it later."""
-    from training.rollout import RolloutEngine
+    from instructloop.training.rollout import RolloutEngine
 
     engine = RolloutEngine(tiny_sft.path, max_model_len=256, seed=0, kv_cache_gib=1)
     try:

@@ -11,16 +11,15 @@ from typing import Any
 
 import pytest
 import torch
-from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, vllm_greedy
-
-from training.checkpoint import (
+from instructloop.training.checkpoint import (
     MANIFEST_NAME,
     CheckpointError,
     read_checkpoint,
     write_checkpoint,
 )
-from training.common import encode_prompt_response
-from training.reward_model import RewardScorer
+from instructloop.training.common import encode_prompt_response
+from instructloop.training.reward_model import RewardScorer
+from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, vllm_greedy
 
 
 def tiny_write(model: Any, tok: Any, out: Path, **kw: Any) -> Any:
@@ -115,11 +114,10 @@ def test_sft_checkpoint_loads_in_vllm_and_transformers(
 def test_ppo_checkpoint_loads_in_a_fresh_vllm_engine(
     tmp_path: Path, tiny_sft: Any, data_dir: Path, tiny_tokenizer: Any, rollout_engine: Any
 ) -> None:
+    from instructloop.training.config import PPOConfig
+    from instructloop.training.ppo import run_ppo
+    from instructloop.training.rollout import RolloutEngine
     from transformers import AutoModelForCausalLM
-
-    from training.config import PPOConfig
-    from training.ppo import run_ppo
-    from training.rollout import RolloutEngine
 
     cfg = PPOConfig(
         policy_path=str(tiny_sft.path), prompts_path=str(data_dir / "prompts.jsonl"),

@@ -11,8 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-
-from training.data.constraints import (
+from instructloop.training.data.constraints import (
     DEFAULT_INSTRUCTIONS,
     HELDOUT_ONLY_INSTRUCTIONS,
     PHRASINGS,
@@ -37,9 +36,14 @@ from training.data.constraints import (
     subjects,
     tasks,
 )
-from training.data.demonstrations import pick_demonstration
-from training.data.generation import Completion
-from training.data.simulated_labeler import preference_rows, rank, ranking_row, write_export
+from instructloop.training.data.demonstrations import pick_demonstration
+from instructloop.training.data.generation import Completion
+from instructloop.training.data.simulated_labeler import (
+    preference_rows,
+    rank,
+    ranking_row,
+    write_export,
+)
 
 # --- the generator -------------------------------------------------------------------------------
 

@@ -14,10 +14,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from training.data.constraints import make_prompt
-from training.evaluate import EvalConfig, format_table, lm_loss, model_lm_loss, read_texts
-from training.judges import ConstraintJudge, judge_win_rate, win_rate
+from instructloop.training.data.constraints import make_prompt
+from instructloop.training.evaluate import (
+    EvalConfig,
+    format_table,
+    lm_loss,
+    model_lm_loss,
+    read_texts,
+)
+from instructloop.training.judges import ConstraintJudge, judge_win_rate, win_rate
 
 TEXTS = [
     "The moon is bright tonight.",
@@ -131,7 +136,7 @@ def test_read_texts(tmp_path: Path) -> None:
 
 
 def test_shipped_ptx_corpus_is_readable() -> None:
-    from training.evaluate import DEFAULT_PTX_HELDOUT
+    from instructloop.training.evaluate import DEFAULT_PTX_HELDOUT
 
     texts = read_texts(DEFAULT_PTX_HELDOUT)
     assert len(texts) >= 40
@@ -143,9 +148,8 @@ def test_shipped_ptx_corpus_is_readable() -> None:
 
 def test_reward_model_judge_matches_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
+    from instructloop.training.judges import RewardModelJudge
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    from training.judges import RewardModelJudge
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     cfg.num_labels = 1

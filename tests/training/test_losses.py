@@ -8,8 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-from training.losses import (
+from instructloop.training.losses import (
     cosine_lr_factor,
     gae,
     kl_estimate,

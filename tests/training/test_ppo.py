@@ -12,6 +12,21 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from instructloop.training.common import DataError
+from instructloop.training.config import ConfigError, PPOConfig
+from instructloop.training.losses import ptx_loss
+from instructloop.training.ppo import (
+    RolloutBatch,
+    make_batch,
+    ppo_update,
+    ptx_stream,
+    reward_model_inputs,
+    run_ppo,
+    shape_scores,
+    token_rewards,
+)
+from instructloop.training.reward_model import token_scores
+from instructloop.training.rollout import Rollout
 from training_helpers import (
     GREEDY_TOKENS,
     WORDS,
@@ -23,22 +38,6 @@ from training_helpers import (
     vllm_greedy,
     vllm_token_logprobs,
 )
-
-from training.common import DataError
-from training.config import ConfigError, PPOConfig
-from training.losses import ptx_loss
-from training.ppo import (
-    RolloutBatch,
-    make_batch,
-    ppo_update,
-    ptx_stream,
-    reward_model_inputs,
-    run_ppo,
-    shape_scores,
-    token_rewards,
-)
-from training.reward_model import token_scores
-from training.rollout import Rollout
 
 
 def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
@@ -93,7 +92,7 @@ def test_reward_model_scores_cut_responses_at_an_appended_eos(tiny_rm: Any) -> N
     """The RM learnt to read its score at the EOS that closes every ranked response (cut ones
     too): PPO scores a response cut at max_new_tokens with that EOS appended, so the score of a
     cut rollout is exactly the scorer's score of its text; one that ended keeps its own EOS."""
-    from training.reward_model import RewardScorer
+    from instructloop.training.reward_model import RewardScorer
 
     scorer = RewardScorer(tiny_rm.path)
     tok, eos = scorer.tokenizer, scorer.tokenizer.eos_token_id

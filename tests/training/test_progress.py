@@ -7,8 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from training.common import PROGRESS_FILE_ENV, MetricsLog, Progress
+from instructloop.training.common import PROGRESS_FILE_ENV, MetricsLog, Progress
 
 
 def test_progress_is_written_first_throttled_and_last(

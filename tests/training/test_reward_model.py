@@ -13,12 +13,10 @@ from typing import Any
 
 import pytest
 import torch
-from training_helpers import write_jsonl
-
-from training.common import DataError, encode_prompt_response, split_rows
-from training.config import RewardModelConfig
-from training.losses import kway_ranking_loss
-from training.reward_model import (
+from instructloop.training.common import DataError, encode_prompt_response, split_rows
+from instructloop.training.config import RewardModelConfig
+from instructloop.training.losses import kway_ranking_loss
+from instructloop.training.reward_model import (
     BIAS_KEY,
     RewardScorer,
     group_rewards,
@@ -27,6 +25,7 @@ from training.reward_model import (
     run_reward_model,
     sequence_rewards,
 )
+from training_helpers import write_jsonl
 
 
 def seq_cls(path: Path, attn_implementation: str = "sdpa") -> Any:

@@ -10,12 +10,16 @@ from typing import Any
 
 import pytest
 import torch
+from instructloop.training.common import DataError, add_residual_dropout, pad_batch, prompt_text_of
+from instructloop.training.config import ConfigError, SFTConfig
+from instructloop.training.losses import lm_loss
+from instructloop.training.sft import (
+    load_demonstrations,
+    response_loss_mask,
+    run_sft,
+    validation_loss,
+)
 from training_helpers import chat_prompt, write_jsonl
-
-from training.common import DataError, add_residual_dropout, pad_batch, prompt_text_of
-from training.config import ConfigError, SFTConfig
-from training.losses import lm_loss
-from training.sft import load_demonstrations, response_loss_mask, run_sft, validation_loss
 
 
 def test_loss_mask_covers_completion_and_eos_only(

@@ -9,9 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from instructloop.cli import main
-from training.config import (
+from instructloop.training.config import (
     ConfigError,
     PPOConfig,
     RewardModelConfig,
@@ -20,6 +18,8 @@ from training.config import (
     load_config,
     parse_overrides,
 )
+
+from instructloop.cli import main
 
 
 def test_paper_defaults() -> None:
@@ -34,7 +34,7 @@ def test_paper_defaults() -> None:
 def test_every_field_is_documented() -> None:
     import inspect
 
-    import training.config as mod
+    import instructloop.training.config as mod
 
     src = inspect.getsource(mod)
     for cls in (SFTConfig, RewardModelConfig, PPOConfig):
@@ -120,7 +120,7 @@ def test_cli_train_sft(
 def test_offline_engine_env_fills_defaults_and_keeps_callers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from training.common import offline_engine_env
+    from instructloop.training.common import offline_engine_env
 
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
@@ -165,7 +165,7 @@ def test_engine_dtype_float32_on_a_cpu_without_bf16(
     assert common.engine_dtype("org/model") == "auto"
     monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"avx2"}))
     assert common.engine_dtype("org/model") == "float32"
-    from training import common as training_common
+    from instructloop.training import common as training_common
 
     assert training_common.engine_dtype is common.engine_dtype  # one rule for every engine
 
@@ -174,9 +174,8 @@ def test_attention_kernels_eager_on_cpu_and_same_outputs(tiny_model_dir: Path) -
     """ "auto" picks eager on the CPU (faster backward there) and sdpa elsewhere; an explicit
     choice stands; and the choice changes kernels, not results."""
     import torch
+    from instructloop.training.common import attention_implementation, train_model_kwargs
     from transformers import AutoModelForCausalLM
-
-    from training.common import attention_implementation, train_model_kwargs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention_implementation("auto", cpu) == "eager"
@@ -203,8 +202,7 @@ def test_cpu_allocator_tuning_once_and_harmless() -> None:
     import sys
 
     import torch
-
-    from training.common import prepare_runtime, tune_cpu_allocator
+    from instructloop.training.common import prepare_runtime, tune_cpu_allocator
 
     if not sys.platform.startswith("linux"):
         assert tune_cpu_allocator() is False
@@ -219,7 +217,7 @@ def test_cpu_allocator_tuning_once_and_harmless() -> None:
 
 
 def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
-    from training.common import DataError, read_jsonl
+    from instructloop.training.common import DataError, read_jsonl
 
     texts = ["a\u2028b", "c\u2029d\x85e", "f\x1cg\x1d\x1eh\x0bi\x0cj", "k\r\nl"]
     p = tmp_path / "rows.jsonl"

@@ -10,6 +10,19 @@ from typing import Any
 
 import pytest
 import torch
+from instructloop.training.common import pad_batch
+from instructloop.training.config import ConfigError, PPOConfig, RewardModelConfig, validate
+from instructloop.training.ppo import (
+    TrunkSplit,
+    causal_lm_parts,
+    load_ptx,
+    make_batch,
+    ppo_update,
+    ptx_batches,
+    run_ppo,
+)
+from instructloop.training.reward_model import backbone_and_head, run_reward_model
+from instructloop.training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
 from test_ppo import (
     apple_fraction,
     fixed_rollouts,
@@ -20,20 +33,6 @@ from test_ppo import (
     small_cfg,
 )
 from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, sampled_reward, vllm_greedy
-
-from training.common import pad_batch
-from training.config import ConfigError, PPOConfig, RewardModelConfig, validate
-from training.ppo import (
-    TrunkSplit,
-    causal_lm_parts,
-    load_ptx,
-    make_batch,
-    ppo_update,
-    ptx_batches,
-    run_ppo,
-)
-from training.reward_model import backbone_and_head, run_reward_model
-from training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
 
 CPU = torch.device("cpu")
 

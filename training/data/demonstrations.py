@@ -19,9 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.data.constraints import ConstraintPrompt
-from training.data.generation import Completion, Sampler
-from training.data.simulated_users import judge
+from instructloop.training.data.constraints import ConstraintPrompt
+from instructloop.training.data.generation import Completion, Sampler
+from instructloop.training.data.simulated_users import judge
 
 
 @dataclass(frozen=True)

@@ -61,13 +61,13 @@ class Sampler:
 
     def __init__(self, model_dir: str | Path, cfg: SamplerConfig | None = None) -> None:
         self.cfg = cfg or SamplerConfig()
-        from training.common import offline_engine_env
+        from instructloop.training.common import offline_engine_env
 
         offline_engine_env(self.cfg.cpu_kvcache_gib)
         from vllm import LLM
 
         self.model_dir = str(model_dir)
-        from training.common import engine_dtype
+        from instructloop.training.common import engine_dtype
 
         dtype = engine_dtype(self.model_dir, self.cfg.dtype)
         self.llm: Any = LLM(

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data.constraints import SUBJECTS, ConstraintConfig, Split, split_of
-from training.data.generation import Sampler
+from instructloop.training.data.constraints import SUBJECTS, ConstraintConfig, Split, split_of
+from instructloop.training.data.generation import Sampler
 
 # General requests with no verifiable constraint (different wording from constraints.TASKS).
 GENERAL_TASKS: tuple[str, ...] = (

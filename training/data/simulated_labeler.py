@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.data.constraints import ConstraintPrompt
-from training.data.simulated_users import Judgement, judge
+from instructloop.training.data.constraints import ConstraintPrompt
+from instructloop.training.data.simulated_users import Judgement, judge
 
 SIMULATED_USER = "simulated-labeller"
 

@@ -52,7 +52,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from training.data.constraints import (
+from instructloop.training.data.constraints import (
     ConstraintPrompt,
     follows,
     per_instruction_accuracy,
