@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 # The machine's dtype choices live with the server's (one rule for every vLLM engine).
+from instructloop.training.progress import PROGRESS_FILE_ENV, Progress, json_default  # noqa: F401
+
 from instructloop.hardware import (  # noqa: F401  (re-exported for the stages)
     cpu_flags,
     cpu_native_bf16,
@@ -358,42 +360,6 @@ def add_residual_dropout(model: torch.nn.Module, p: float) -> list[Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-PROGRESS_FILE_ENV = "INSTRUCTLOOP_PROGRESS_FILE"
-"""Set by the training cycle (training/cycle.py) for a stage it runs: the stage's MetricsLog
-keeps its latest step there, which the cycle copies into its record for `status`."""
-PROGRESS_EVERY_S = 2.0
-
-
-class Progress:
-    """Keeps a stage's latest step in the progress file ($INSTRUCTLOOP_PROGRESS_FILE), at most
-    every PROGRESS_EVERY_S and always at the last step; nothing where no cycle asked for it."""
-
-    def __init__(self, stage: str, total: int) -> None:
-        env = os.environ.get(PROGRESS_FILE_ENV)
-        self.path = Path(env) if env else None
-        self.stage, self.total = stage, total
-        self._t0 = self._at = time.time()
-
-    def update(self, step: int, figures: dict[str, Any] | None = None) -> None:
-        if self.path is None:
-            return
-        now = time.time()
-        if now - self._at < PROGRESS_EVERY_S and 0 < step < self.total:
-            return
-        self._at = now
-        doc = {
-            "stage": self.stage,
-            "step": step,
-            "total": self.total,
-            "elapsed_s": round(now - self._t0, 1),
-            **{k: _json_default(v) for k, v in (figures or {}).items()},
-        }
-        tmp = self.path.with_suffix(".tmp")
-        with contextlib.suppress(OSError):  # progress is a courtesy; training goes on
-            tmp.write_text(json.dumps(doc))
-            os.replace(tmp, self.path)
-
-
 class MetricsLog:
     """Appends one JSON object per step to a JSONL file (flushed each line, so a crashed run
     keeps its history), mirrors a few numbers on a tqdm bar, and, under a training cycle, keeps
@@ -412,7 +378,7 @@ class MetricsLog:
 
     def log(self, step: int, metrics: dict[str, Any], *, show: Sequence[str] = ()) -> None:
         row = {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
-        self._f.write(json.dumps(row, default=_json_default) + "\n")
+        self._f.write(json.dumps(row, default=json_default) + "\n")
         self._f.flush()
         if show:
             self.bar.set_postfix({k: _fmt(metrics[k]) for k in show if k in metrics})
@@ -441,13 +407,6 @@ def default_log_path(output_dir: str, log_path: str | None) -> Path:
 
 def _fmt(v: Any) -> Any:
     return f"{v:.4g}" if isinstance(v, float) else v
-
-
-def _json_default(v: Any) -> Any:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return str(v)
 
 
 def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -58,8 +58,8 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from instructloop.training.common import PROGRESS_FILE_ENV
 from instructloop.training.locks import CycleLock, Holder, Lease, LockLost
+from instructloop.training.progress import PROGRESS_FILE_ENV
 from instructloop.training.recipes import DEFAULT_RECIPE, recipe
 
 from instructloop.memory import available_gib

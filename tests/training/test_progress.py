@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from instructloop.training.common import PROGRESS_FILE_ENV, MetricsLog, Progress
+from instructloop.training.common import MetricsLog
+from instructloop.training.progress import PROGRESS_FILE_ENV, Progress
 
 
 def test_progress_is_written_first_throttled_and_last(
