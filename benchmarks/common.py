@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -10,12 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
+
+C = TypeVar("C")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -45,8 +49,8 @@ def machine() -> dict[str, object]:
         pass
     from instructloop.hardware import cpu_flags
 
-    # "AMD EPYC" names CPUs from AVX2-only to AVX512-BF16 parts, which differ several-fold in
-    # bf16 work: record the units that decide it.
+    # One CPU model name covers parts from AVX2-only to AVX512-BF16, which differ several-fold
+    # in bf16 work: record the units that decide it.
     bf16_units = sorted({"avx512_bf16", "amx_bf16", "avx2"} & cpu_flags())
     return {
         "cpu": cpu,
@@ -57,6 +61,19 @@ def machine() -> dict[str, object]:
         "date": time.strftime("%Y-%m-%d"),
         # Other work on the machine skews every figure; record how busy it was.
         "loadavg_1m": os.getloadavg()[0],
+    }
+
+
+def torch_machine(**extra: Any) -> dict[str, Any]:
+    """The platform, CPU count, torch build and GPU of a benchmark that trains, and `extra`."""
+    import torch  # heavy: only the training benchmarks call this
+
+    return {
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        **extra,
     }
 
 
@@ -137,3 +154,66 @@ def fresh_redis(name: str) -> Any:
     d = RESULTS_DIR / "tmp" / name
     shutil.rmtree(d, ignore_errors=True)
     return RedisProcess(dir=d).start()
+
+
+def progress_log(name: str) -> Callable[[float, str], None]:
+    """A log to stderr whose lines carry the benchmark's name and the seconds since `t0`."""
+
+    def log(t0: float, msg: str) -> None:
+        print(f"[{name} {time.time() - t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    return log
+
+
+def apply_overrides(cfg: C, items: Sequence[str]) -> C:
+    """`key=value` assignments (value as JSON; strings may be bare) into a copy of the dataclass
+    `cfg`; dict fields are merged, and an int is taken for a float field. A wrong key or type is
+    an error: a typo must not run an hour with the wrong setting ("yes" is truthy, "1e3" a
+    str)."""
+    assert dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+    known = {f.name for f in dataclasses.fields(cfg)}
+    changes: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or key not in known:
+            name = type(cfg).__name__
+            raise ValueError(f"unknown {name} field in {item!r}: not a field of {name}")
+        cur = changes.get(key, getattr(cfg, key))
+        try:
+            value = raw if isinstance(cur, str) else json.loads(raw)
+        except ValueError:
+            value = raw
+        if isinstance(cur, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(cur):
+            raise ValueError(f"{key} takes a JSON {type(cur).__name__}, got {raw!r}")
+        changes[key] = {**cur, **value} if isinstance(cur, dict) else value
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_config(
+    ap: argparse.ArgumentParser, argv: list[str] | None, cls: type[C], quick: Callable[[C], C]
+) -> tuple[argparse.Namespace, C]:
+    """Add --quick and the `key=value` overrides to a parser that has --work-dir, parse `argv`,
+    and build the config: the defaults with that work dir, the quick sizes if asked, then the
+    overrides. A wrong override stops with the parser's usage error."""
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness only")
+    ap.add_argument("overrides", nargs="*", help=f"{cls.__name__} fields as key=JSON")
+    args = ap.parse_args(argv)
+    cfg = cls(work_dir=args.work_dir)  # type: ignore[call-arg]
+    if args.quick:
+        cfg = quick(cfg)
+    try:
+        cfg = apply_overrides(cfg, args.overrides)
+    except ValueError as e:
+        ap.error(str(e))
+    return args, cfg
+
+
+def add_results_name(ap: argparse.ArgumentParser, default: str) -> None:
+    """--name: the results file's stem, so that another machine's run is kept beside this one."""
+    ap.add_argument(
+        "--name",
+        default=default,
+        help="results file stem under benchmarks/results/ (to keep another machine's run)",
+    )

@@ -2,7 +2,7 @@
 
 A replica (`instructloop serve`, following the registry) serves the default model from a durable
 Redis. Simulated labellers ask it for K = 4 candidates on verifiable-instruction prompts
-(training/data/constraints.py) over gRPC and rank them as the simulated users judge
+(training/data/constraints/) over gRPC and rank them as the simulated users judge
 (training/data/simulated_labeler.py, ties kept) with SubmitRanking. Then one cycle runs on a real
 `instructloop worker` (`instructloop cycle run --wait`): snapshot -> reward model -> PPO-ptx ->
 evaluate -> gate -> promote, with the cycle's default recipe (training/recipes.py) unless `--set`
@@ -48,9 +48,9 @@ def _set(cfg: dict[str, Any], assignment: str) -> None:
 async def collect_feedback(port: int, n_prompts: int, max_tokens: int, seed: int) -> int:
     """Simulated labellers over gRPC: K candidates per prompt, ranked by constraints met."""
     import grpc
+
     from instructloop.training.data.constraints import generate_prompts
     from instructloop.training.data.simulated_labeler import rank, ranking_order
-
     from instructloop.v1 import completion_pb2, completion_pb2_grpc, feedback_pb2, feedback_pb2_grpc
 
     meta = (("authorization", f"Bearer {USER_KEY}"),)
@@ -116,11 +116,11 @@ async def wait_serving(port: int, version: str, timeout: float = 600) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from instructloop.training.cycle import STEPS, CycleStore
-
     from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
+    from instructloop.training.loop.config import STEPS
+    from instructloop.training.loop.store import CycleStore
 
     model_dir = Path(args.model or default_model_dir())
     work = RESULTS_DIR / "work" / "cycle"

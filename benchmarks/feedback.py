@@ -4,9 +4,9 @@ The server is `instructloop serve` (its vLLM engine running, as in production) o
 redis-server with AOF and `appendfsync always`: an RPC is answered only after Redis wrote and
 fsynced the record. The rankings refer to real completions (n=4) produced by the server first.
 Every ranking is distinct (its own idempotency key), so each one is a real write. The load
-generator shares the two cores with the server: by default it is benchmarks/grpc_load.py, an
-HTTP/2 gRPC client at ~150 us of CPU per call where grpc.aio's client (which gets a row too)
-takes ~270 us.
+generator shares the cores with the server: by default it is benchmarks/grpc_load.py, an
+HTTP/2 gRPC client that takes less CPU per call than grpc.aio's client (which gets a row too;
+benchmarks/HISTORY.md).
 
     python -m benchmarks.feedback [--concurrency 64] [--seconds 20] [--runs uvloop/lean,...]
 """
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     RESULTS_DIR,
+    add_results_name,
     cpu_seconds,
     fresh_redis,
     machine,
@@ -63,7 +64,7 @@ LOAD_GENERATORS = ("lean", "grpc-aio")
 async def open_submitters(kind: str, port: int, connections: int):
     """`connections` ways to send one SubmitRanking each (one HTTP/2 connection each, as
     several app instances would have), and a close function. `lean`: benchmarks/grpc_load.py
-    (~150 us of CPU per call on the cores the server uses; grpc.aio's client ~270 us);
+    (less CPU per call than grpc.aio's client, on the cores the server uses);
     `grpc-aio`: grpc.aio's own client. A send returns None, or the status name of a failed
     call."""
     meta = (("authorization", f"Bearer {API_KEY}"),)
@@ -188,8 +189,8 @@ def run_once(args: argparse.Namespace, model_dir: Path, event_loop: str, generat
 
         async def setup_then_load() -> tuple[int, dict[str, float], list[float], dict, float]:
             # One event loop for the setup and the load: with grpc.aio used first on another
-            # loop (a second asyncio.run), the load generator ran ~10% slower in a side-by-side
-            # check (2026-12-04), which this benchmark would have charged to the server.
+            # loop (a second asyncio.run), the load generator runs slower, which this benchmark
+            # would charge to the server.
             completions = await make_completions(port, args.completions)
             keys, cpu = client.dbsize(), cpu_by_process(pids)
             lat, errors, wall = await load(
@@ -239,14 +240,10 @@ def main() -> None:
         default="uvloop/lean,uvloop/grpc-aio,asyncio/lean",
         help="server event loop / load generator pairs to run, one after the other; the "
         "first is the result (uvloop: what the server's default, auto, picks here; lean: "
-        "benchmarks/grpc_load.py, grpc-aio: grpc.aio's client, which takes ~0.55 of the two "
-        "cores at 2,000 calls/s)",
+        "benchmarks/grpc_load.py, grpc-aio: grpc.aio's client, which takes more of the "
+        "cores the server shares)",
     )
-    ap.add_argument(
-        "--name",
-        default="feedback",
-        help="results file stem under benchmarks/results/ (to keep another machine's run)",
-    )
+    add_results_name(ap, "feedback")
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
 

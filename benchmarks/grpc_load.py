@@ -1,19 +1,20 @@
 """A lean gRPC client for load generation: unary calls over HTTP/2, spoken directly.
 
-Why not grpc.aio's client: on the 2-core benchmark machine it spends ~270 us of CPU per call
-(0.55 of a core at 2,000 calls/s), taken from the server it measures on the same two cores.
-Load tools such as ghz or h2load exist for that reason; neither can be installed here (no
-network). This client does what they do in ~200 lines: request headers are HPACK-encoded once
-per connection and then sent as the encoder's indexed form, every write of an event-loop turn
-goes out in one send, and a response's header blocks are decoded once per distinct byte string.
+Why not grpc.aio's client: it spends more CPU per call than this one (benchmarks/HISTORY.md),
+taken from the server it measures on the same cores. Load tools such as ghz or h2load exist for
+that reason; neither can be installed where the benchmarks run (no network). This client does
+what they do: request headers are HPACK-encoded once per connection and then sent as the
+encoder's indexed form, every write of an event-loop turn goes out in one send, and a
+response's header blocks are decoded once per distinct byte string.
 
 It still checks what a gRPC client checks: every call ends with its trailers' `grpc-status`
 (and `grpc-message`), a non-zero status raises `GrpcError`, and the response message is
 returned as bytes for the caller to parse. HTTP/2 flow control, SETTINGS, PING and GOAWAY are
 honoured. Server-streaming calls yield each message as it arrives (the serving benchmark's
-streams: grpc.aio's client spent 1.5-2x the CPU per streamed token that aiohttp spends on the
-other server's SSE, 2026-12-06); a stream left early is cancelled with RST_STREAM, as grpc.aio
-does. Not supported (not needed by a benchmark): TLS, compression, client streaming.
+streams: grpc.aio's client spends more CPU per streamed token than aiohttp spends on the other
+server's SSE, CPU taken from the servers compared); a stream left early is cancelled with
+RST_STREAM, as grpc.aio does. Not supported (not needed by a benchmark): TLS, compression,
+client streaming.
 
     conn = await Connection.open("127.0.0.1", port)
     reply = await conn.unary("/pkg.Service/Method", request.SerializeToString(), metadata)
@@ -276,6 +277,8 @@ class Connection(asyncio.Protocol):
         del buf[:pos]
 
     def _on_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
+        """One branch per HTTP/2 frame type, kept in one function so that the protocol a
+        received frame drives reads in one place (RFC 9113 section 6)."""
         if kind == DATA:
             self._unacked += len(payload)
             if self._unacked >= WINDOW_STEP:

@@ -22,15 +22,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results"
-
+from benchmarks.common import RESULTS_DIR, torch_machine
 
 # ---------------------------------------------------------------------------------------------
 # Shared inputs
@@ -40,9 +38,10 @@ RESULTS = Path(__file__).parent / "results"
 def prepare(work: Path, model: str, n_prompts: int, seed: int) -> dict[str, str]:
     """prompts.jsonl ({"prompt", "prompt_text"}) and a reward/value model directory."""
     import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     from instructloop.training.data.constraints import generate_prompts
     from instructloop.training.data.generation import chat_prompt_text
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(model)
@@ -231,14 +230,7 @@ def child_trl(a: argparse.Namespace) -> dict[str, Any]:
 def _machine() -> dict[str, Any]:
     import torch
 
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": os.getloadavg(),
-    }
+    return torch_machine(torch_threads=torch.get_num_threads(), load_average=os.getloadavg())
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -294,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--impls", default="ours,trl", help="comma-separated: ours, trl")
     ap.add_argument("--work", default="", help="work directory (default: a temporary one)")
-    ap.add_argument("--out", default=str(RESULTS / "ppo_speed.json"))
+    ap.add_argument("--out", default=str(RESULTS_DIR / "ppo_speed.json"))
     ap.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     ap.add_argument("--prompts", help=argparse.SUPPRESS)
     ap.add_argument("--rm", help=argparse.SUPPRESS)
@@ -312,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tempfile
 
-    from instructloop.training.common import resolve_model_path
+    from instructloop.training.models import resolve_model_path
 
     a.model = resolve_model_path(a.model)
     work = Path(a.work or tempfile.mkdtemp(prefix="instructloop-ppo-speed-"))

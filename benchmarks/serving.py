@@ -43,6 +43,7 @@ from typing import Any
 from benchmarks.common import (
     RESULTS_DIR,
     Proc,
+    add_results_name,
     cpu_seconds,
     fresh_redis,
     machine,
@@ -52,7 +53,7 @@ from benchmarks.common import (
 )
 
 # Both servers run the dtype instructloop's engine picks on this machine: bf16 where the CPU has
-# bf16 units, float32 on AVX2 only (forced bf16 ran 26.8 tok/s at c=32 on a Zen 3 EPYC).
+# bf16 units, float32 on AVX2 only (where forced bf16 is much slower).
 from instructloop.hardware import engine_dtype
 
 MAX_TOKENS = 128
@@ -60,15 +61,15 @@ ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_
 MAX_MODEL_LEN = 2048
 # vLLM's engine worker busy-spins (sched_yield) for 1 s after its last step before it sleeps
 # (shm_broadcast.SpinCondition, busy_loop_s=1), on the core its twin uses: a server started
-# within that second of the other's last request lost ~1 s to it (TTFT 1.0-1.2 s instead of
-# 0.06-0.2 at c=8, 2026-12-06). Only one engine runs in production; here they take turns.
+# within that second of the other's last request loses most of that second to it in its TTFT.
+# Only one engine runs in production; here they take turns.
 SETTLE_S = 2.0
 API_KEY = "bench-key"
 # instructloop's server as each of its load generators calls it: our lean HTTP/2 client, and
 # grpc.aio's (see grpc_client).
 INSTRUCTLOOP_CLIENTS = ("instructloop", "instructloop-grpc-aio")
 # vLLM's server as it ships, and given the engine environment instructloop's server sets for
-# itself (today: no core held back for the scheduler on a 2-core machine; see
+# itself (for one, no core held back for the scheduler on a 2-core machine; see
 # instructloop/hardware.py), which leaves only the API layers different.
 VLLM_SERVERS = ("vllm-openai", "vllm-openai-matched")
 
@@ -232,13 +233,14 @@ def matched_engine_env() -> dict[str, str]:
     environ = {**os.environ, **ENGINE_ENV}
     reserved = engine_reserved_cores(None, environ)
     env = {} if reserved is None else {RESERVED_CORES_ENV: str(reserved)}
-    if cpu_engine_installed():  # as `instructloop serve` does (serving/cli.py)
+    if cpu_engine_installed():  # as `instructloop serve` does (instructloop/cli/serve.py)
         env.update(engine_omp_env(None, environ))
     return env
 
 
 def start_vllm(model_dir: Path, port: int, log: Path, matched: bool = False) -> Proc:
-    # `vllm serve` itself fails under vllm-cpu (ENV-NOTES); this is the same server.
+    # `vllm serve` itself fails under vllm-cpu (docs/VLLM-CPU.md, "Installing"); this is the
+    # same server.
     from instructloop.serving.config import ServerConfig
     from instructloop.serving.engine import Engine
 
@@ -335,7 +337,8 @@ def start_instructloop(
 def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-    from instructloop.serving.testing import RECONNECT_EVERY_SECOND
+
+    from tests.support.server import RECONNECT_EVERY_SECOND
 
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(f"127.0.0.1:{port}", options=RECONNECT_EVERY_SECOND) as ch:
@@ -355,10 +358,10 @@ def wait_grpc(port: int, proc: Proc, timeout: float = 300) -> None:
 
 def grpc_client(port: int, lean: bool = True):
     """Streaming calls to instructloop, over benchmarks/grpc_load.py's HTTP/2 client (`lean`)
-    or grpc.aio's. The lean one is the default: grpc.aio's client spent 0.37 / 0.14 / 0.10 CPU
-    ms per output token at c=1 / 8 / 32 where aiohttp spent 0.25 / 0.08 / 0.06 on vLLM's SSE
-    (2-core Zen 4 EPYC, 2026-12-06), CPU the load generator takes from the cores both servers
-    share; `--servers instructloop-grpc-aio` runs it alongside."""
+    or grpc.aio's. The lean one is the default: grpc.aio's client spends more CPU per output
+    token than aiohttp spends on vLLM's SSE (benchmarks/HISTORY.md), CPU the load generator
+    takes from the cores both servers share; `--servers instructloop-grpc-aio` runs it
+    alongside."""
     import grpc
 
     from benchmarks.grpc_load import Connection
@@ -599,11 +602,7 @@ def main() -> None:
         help="runs per server and level, alternated (short runs, many turns: the shared host's "
         "speed drifts over minutes by more than the two servers differ)",
     )
-    ap.add_argument(
-        "--name",
-        default="serving",
-        help="results file stem under benchmarks/results/ (to keep another machine's run)",
-    )
+    add_results_name(ap, "serving")
     args = ap.parse_args()
     model_dir = args.model or default_model_dir()
     matched_env = matched_engine_env()

@@ -7,7 +7,7 @@ tensor changed (embeddings included), and later rolls back to the first one. Mea
 - requests failed (target: 0);
 - end-to-end latency p50/p99 of requests that overlap a swap, against those before any swap;
 - time from the promotion until every replica serves the new version (GetServingModel polled
-  every 50 ms; target < 5 s for the default model on this machine);
+  every 50 ms; target < 5 s for the default model);
 - the replicas' own swap phases (drain, load) from their Prometheus metrics, and the requests
   a swap restarted on the new version.
 
@@ -83,7 +83,7 @@ def start_replica(
     if cores is not None:
         # Each replica's engine on cores of its own, as replicas on separate machines would be:
         # two engines' OpenMP threads spinning on the same cores starve each other (a reload
-        # took 68 s instead of 1 s that way).
+        # becomes many times slower).
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     return Proc(cmd, env=env, log=RESULTS_DIR / "logs" / f"swap-r{i}.log")
 
@@ -175,11 +175,10 @@ def _lat(reqs: list[Req]) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from instructloop.serving.testing import perturb_checkpoint
-
     from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
+    from tests.support.checkpoints import perturb_checkpoint
 
     model_dir = Path(args.model or default_model_dir())
     pert = RESULTS_DIR / "tmp" / "swap" / "pert"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
+
 
 @dataclass
 class StoreConfig:
@@ -15,8 +17,8 @@ class StoreConfig:
     the feedback you want to train on.
     """
 
-    key_prefix: str = "il:"
-    """Every key starts with this (docs/INTERFACES.md: default `il:`)."""
+    key_prefix: str = DEFAULT_KEY_PREFIX
+    """Every key starts with this (docs/REDIS-KEYS.md)."""
 
     completion_ttl_s: int | None = None
     """Retention of a completion record and its response-id index entries, in seconds.

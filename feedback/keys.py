@@ -1,34 +1,26 @@
-"""The Redis key layout (one place, shared by the store and the export).
+"""Every Redis key the service uses, in one table: feedback, the model registry and the loop.
 
-With prefix `p` (default "il:"):
-
-| key                         | type   | holds                                                 |
-|-----------------------------|--------|-------------------------------------------------------|
-| `p cmpl:<completion_id>`    | hash   | `record` (CompletionRecord JSON), `r:<response_id>`   |
-|                             |        | -> index for each of its responses                    |
-| `p resp:<response_id>`      | string | the completion id (response -> completion index)      |
-| `p log:completions`         | stream | `completion_id`, one entry per logged completion      |
-| `p fb:<feedback_id>`        | hash   | feedback_id, kind, user_id, idempotency_key,          |
-|                             |        | completion_id, created_at, data (kind-specific JSON)  |
-| `p idem:<n>:<user>:<key>`   | hash   | feedback_id, created_at, digest, completion_id        |
-| `p log:feedback`            | stream | feedback_id, kind, completion_id: the order of all    |
-|                             |        | feedback; an export is "everything up to stream id X" |
-| `p rl:<n>:<user>:<window>`  | string | the user's stored feedback in one rate-limit window   |
-| `p stats`                   | hash   | counters: completions, feedback:<kind>                |
-| `p snapshots`               | hash   | snapshot id -> export summary JSON (its stream range) |
-
-`<n>` is the length of the user id, so that ids containing ":" cannot collide
-(user "a:b" with key "c" vs user "a" with key "b:c").
+The layout is documented once, in docs/REDIS-KEYS.md. Feedback sits at the bottom of the layers,
+so the registry (ground floor) and the training loop import their key names from here and
+nobody else spells a key.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEFAULT_KEY_PREFIX = "il:"
+"""Every key starts with a prefix, so several deployments (or tests) can share one Redis."""
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+"""A Redis on this machine's standard port, database 0."""
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
-    prefix: str = "il:"
+    """Completions and feedback (feedback/store.py, feedback/export.py)."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
 
     def completion(self, completion_id: str) -> str:
         return f"{self.prefix}cmpl:{completion_id}"
@@ -48,6 +40,7 @@ class Keys:
         return f"{self.prefix}fb:{feedback_id}"
 
     def idempotency(self, user_id: str, key: str) -> str:
+        # The user id's length first, so that ids containing ":" cannot collide.
         return f"{self.prefix}idem:{len(user_id)}:{user_id}:{key}"
 
     @property
@@ -68,3 +61,96 @@ class Keys:
     @property
     def snapshots(self) -> str:
         return f"{self.prefix}snapshots"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistryKeys:
+    """The model registry (instructloop/registry.py). Its register script builds the
+    `models:v:<version>` and `models:m:<version>` keys from the prefix itself."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
+
+    def __post_init__(self) -> None:
+        if not self.prefix:
+            raise ValueError("prefix must not be empty")
+
+    @property
+    def counter(self) -> str:
+        return f"{self.prefix}models:next"
+
+    @property
+    def all(self) -> str:
+        return f"{self.prefix}models:all"
+
+    @property
+    def fps(self) -> str:
+        return f"{self.prefix}models:fp"
+
+    @property
+    def live(self) -> str:
+        return f"{self.prefix}models:live"
+
+    @property
+    def history(self) -> str:
+        return f"{self.prefix}models:history"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}models:events"
+
+    @property
+    def replicas(self) -> str:
+        return f"{self.prefix}models:replicas"
+
+    def version(self, v: str) -> str:
+        return f"{self.prefix}models:v:{v}"
+
+    def metrics(self, v: str) -> str:
+        return f"{self.prefix}models:m:{v}"
+
+
+@dataclass(frozen=True, slots=True)
+class LoopKeys:
+    """The training loop (instructloop/training/loop/)."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
+
+    def cycle(self, cycle_id: str) -> str:
+        return f"{self.prefix}loop:cycle:{cycle_id}"
+
+    @property
+    def cycles(self) -> str:
+        return f"{self.prefix}loop:cycles"
+
+    @property
+    def lock(self) -> str:
+        return f"{self.prefix}loop:lock"
+
+    @property
+    def fence(self) -> str:
+        return f"{self.prefix}loop:fence"
+
+    def cancel(self, cycle_id: str) -> str:
+        return f"{self.prefix}loop:cancel:{cycle_id}"
+
+    def lease(self, cycle_id: str, step: str) -> str:
+        return f"{self.prefix}loop:lease:{cycle_id}:{step}"
+
+    def resume(self, cycle_id: str, step: str, attempt: int) -> str:
+        return f"{self.prefix}loop:resume:{cycle_id}:{step}:{attempt}"
+
+    @property
+    def reward_model(self) -> str:
+        return f"{self.prefix}loop:rm"
+
+    @property
+    def last_started(self) -> str:
+        return f"{self.prefix}loop:last_started"
+
+    @property
+    def beat(self) -> str:
+        return f"{self.prefix}loop:beat"
+
+    @property
+    def schedule(self) -> str:
+        return f"{self.prefix}loop:schedule"

@@ -1,14 +1,14 @@
 """The store's write path: script calls on one dedicated Redis connection, batched and pipelined.
 
-Every feedback and completion write is one EVALSHA. At the feedback benchmark's load (c = 64) the
-gRPC server spends most of a core; redis-py's pipeline machinery (a Pipeline object, a pool
-checkout, per-reply parsing coroutines) cost about 140-180 us of it per batch, and grpc.aio hands
-requests over about one per loop turn, so batches average 1-3 calls. This channel does the same
-work with hiredis in C (`pack_command` to encode, `Reader` to parse) on a plain asyncio
-connection: about 75-90 us per batch on the same machine (benchmarks/HISTORY.md, 2026-12-06).
-Reads and everything else still go through redis-py.
+Every feedback and completion write is one EVALSHA. Under load the gRPC server's one thread is
+the limit, and grpc.aio hands requests over about one per loop turn, so batches are small and
+redis-py's per-pipeline machinery (a Pipeline object, a pool checkout, per-reply parsing
+coroutines) would be paid on nearly every call. This channel does the same work with hiredis in C
+(`pack_command` to encode, `Reader` to parse) on a plain asyncio connection, at about half the
+CPU per batch (benchmarks/HISTORY.md, `feedback` with the write channel). Reads and everything
+else go through redis-py.
 
-Semantics (the same as the redis-py pipeline it replaces):
+Semantics (those of a redis-py pipeline):
 - calls that arrive while `in_flight` batches are outstanding form the next batch (group
   commit: one socket write, one read, and one fsync under `appendfsync always`);
 - each call is its own script, run atomically by Redis; replies come back in order;

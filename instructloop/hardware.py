@@ -39,9 +39,9 @@ def cpu_native_bf16() -> bool:
 def engine_dtype(model_path: str | Path, dtype: str = "auto") -> str:
     """dtype for a vLLM engine over `model_path`. "auto": the dtype the checkpoint declares
     (vLLM's own "auto" would run a float32 checkpoint in 16 bits), except a 16-bit checkpoint on
-    a CPU without native bf16, which runs in float32: on a 2-core AVX2-only EPYC vLLM's bf16
-    path generated 54 tok/s against 255 in float32 (SmolLM2-135M, 32 x 64 greedy tokens,
-    2026-12-03). A hub id (no local config) keeps vLLM's "auto" where bf16 is native."""
+    a CPU without native bf16, which runs in float32 because vLLM's bf16 path, emulated there,
+    is several times slower (benchmarks/HISTORY.md, "Measurements behind defaults"). A hub id
+    (no local config) keeps vLLM's "auto" where bf16 is native."""
     if dtype != "auto":
         return dtype
     local = (Path(model_path) / "config.json").is_file()
@@ -56,12 +56,9 @@ def engine_dtype(model_path: str | Path, dtype: str = "auto") -> str:
 
 # vLLM's CPU backend holds cores back from the model for its scheduler process, which
 # busy-waits on the model's worker (one core per rank; VLLM_CPU_NUM_OF_RESERVED_CPU). On a machine
-# with this many usable cores or fewer that leaves the model half the machine or less, and
-# giving it every core is faster under load even though the scheduler then shares one with it
-# (SmolLM2-135M, 2026-12-06): 1.56x / 1.35x / 1.18x the tok/s at concurrency 32 / 8 / 1 on a
-# 2-core Zen 3 EPYC (float32); on a 2-core Zen 4 EPYC (bf16) 1.29x / 1.08x / 0.90x, and with
-# the OpenMP spin below 1.34x / 1.14x / 1.08x. Above the threshold, vLLM's choice stands: not
-# measured here.
+# with this many usable cores or fewer that leaves the model half the machine or less, and giving
+# it every core is faster under load even though the scheduler then shares one with it
+# (benchmarks/HISTORY.md, `serving`). Above the threshold vLLM's choice stands: it is unmeasured.
 SMALL_MACHINE_CORES = 2
 RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 
@@ -69,11 +66,8 @@ RESERVED_CORES_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 # region spinning for up to GOMP_SPINCOUNT turns (300,000 by default) before it sleeps. Where the
 # model's threads share their cores with vLLM's scheduler and the API process (no core reserved),
 # that spinning takes the cores from them between the many small parallel regions of a decode
-# step. 20,000 against the default, alternated reps on one 2-core Zen 4 EPYC (bf16, 2026-12-06):
-# 66.0 against 52.6 tok/s at concurrency 1 (vLLM's server as it ships: 59.6), 745 against 692
-# at 32 (570); OMP_WAIT_POLICY=PASSIVE (sleep at once) was slower than both (41.6, 656).
-# The benchmark then: 1.08x / 1.14x / 1.34x vLLM's server as it ships at concurrency 1 / 8 / 32
-# (benchmarks/results/serving_epyc_zen4_2026-12-06_omp_spin.md).
+# step. A short spin beat both the default and OMP_WAIT_POLICY=PASSIVE (sleep at once) at low and
+# high concurrency (benchmarks/HISTORY.md, `serving` with a short OpenMP spin).
 OMP_SPIN_ENV = "GOMP_SPINCOUNT"
 SHARED_CORES_OMP_SPINCOUNT = 20_000
 _OMP_WAIT_ENVS = (OMP_SPIN_ENV, "OMP_WAIT_POLICY")
@@ -103,7 +97,7 @@ def engine_reserved_cores(
 
 def cpu_engine_installed() -> bool:
     """Whether the installed vLLM is the CPU build (vllm-cpu): no torch import needed. One
-    distribution looked up by name (a scan of every installed one took 0.18 s at start-up)."""
+    distribution is looked up by name, since scanning every installed one slows start-up."""
     from importlib.metadata import PackageNotFoundError, distribution
 
     try:

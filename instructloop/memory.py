@@ -7,13 +7,13 @@ which is the serving engine. So every engine instructloop starts gets a KV cache
 
 - serving (`serve`, `up`): `serving_kv_cache_gib()`, a twelfth of RAM between 1 and 16 GiB,
   unless `--kv-cache-space-gib` or INSTRUCTLOOP_KV_CACHE_GIB says otherwise. The default model
-  needs about 22.5 KB of cache per token, so a twelfth of a 24 GiB machine holds about 45
-  sequences of the full 2,048-token context at once: more than two cores batch. The rest of the
-  machine is the training stages' (their own engines have their own small caches).
+  needs about 22.5 KB of cache per token (docs/VLLM-CPU.md), so even the 1 GiB floor holds over
+  twenty full 2,048-token sequences at once: more than a few cores batch. The rest of
+  the machine is the training stages' (their own engines have their own small caches).
 - training steps: the cycle checks, before it starts a heavy step, that the memory the step needs
   is available now (`available_gib()`), and refuses the step with a clear message if it is not;
-  the step runs at a lower CPU priority and is the OOM killer's first choice
-  (training/cycle.py), so a step that still overruns dies instead of the server.
+  the step runs at a lower CPU priority and is the OOM killer's first choice (the training
+  loop's process supervision), so a step that still overruns dies instead of the server.
 - one GPU for both (`up` on a CUDA machine): the serving engine takes
   `GPU_SERVING_SHARE_WITH_TRAINING` of the GPU's memory instead of vLLM's 0.9; PPO's rollout
   engine takes `PPOConfig.vllm_gpu_memory_utilization` (0.3), and the training tensors the rest.
@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from instructloop.errors import ConfigError
+
 GiB = 1024**3
 KV_CACHE_ENV = "INSTRUCTLOOP_KV_CACHE_GIB"
 VLLM_KV_CACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -40,7 +42,7 @@ GPU_SERVING_SHARE_WITH_TRAINING = 0.5
 rollout engine takes 0.3 and its actor, critic and reference the remaining 0.2."""
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(ConfigError):
     """A memory setting that cannot work (not a number, not positive, more than the machine)."""
 
 

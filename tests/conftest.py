@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from instructloop.redis_server import RedisProcess, is_reachable
+from tests.support.redis_state import flushed_client
 
 DEFAULT_TEST_REDIS_URL = "redis://127.0.0.1:6379/15"
 
@@ -36,15 +37,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture
 def redis_client(redis_url: str) -> Iterator[object]:
     """A sync client on the test database, flushed before and after the test."""
-    import redis
-
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    try:
+    with flushed_client(redis_url) as client:
         yield client
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -201,3 +202,21 @@ def test_the_checker_sees_an_upward_arrow_and_a_circle() -> None:
     assert room("instructloop.registry") == GROUND and room("instructloop.cli.up") == FACE
     assert RANK[room("instructloop.registry")] > RANK[room("instructloop.feedback.store")]
     assert strongly_connected(fake) == [["instructloop.serving.a", "instructloop.serving.b"]]
+
+
+def test_pyproject_ships_every_package() -> None:
+    """A regular (non-editable) install gets exactly the packages pyproject lists."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    present = {
+        ".".join([prefix, *init.parent.relative_to(folder).parts])
+        for prefix, folder in FOLDERS.items()
+        for init in folder.rglob("__init__.py")
+        if not (
+            prefix == "instructloop"
+            and init.parent.relative_to(folder).parts[:1]
+            and init.parent.relative_to(folder).parts[0] in {"serving", "feedback", "training"}
+        )
+    }
+    assert listed == present, f"missing: {present - listed}, stale: {listed - present}"

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from instructloop.feedback.keys import DEFAULT_REDIS_URL
 from instructloop.memory import (
     KV_CACHE_ENV,
     MemoryPlanError,
@@ -20,7 +21,6 @@ from instructloop.memory import (
     total_gib,
 )
 from instructloop.running import (
-    DEFAULT_REDIS_URL,
     RunningLoop,
     read_running,
     record_path,

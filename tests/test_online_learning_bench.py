@@ -1,4 +1,4 @@
-"""The online learning benchmark's pure parts (benchmarks/online_learning.py): a ranking mapped
+"""The online learning benchmark's pure parts (benchmarks/online_learning/): a ranking mapped
 back to response ids, latency summaries, the targets, the cycle record's summary, the kernel
 log's OOM lines, the config overrides and the report. Hand-made inputs; no engine, no Redis."""
 
@@ -9,19 +9,18 @@ from typing import Any
 
 import pytest
 
-from benchmarks.online_learning import (
-    OnlineLearningConfig,
-    all_tied,
-    apply_overrides,
+from benchmarks.common import apply_overrides
+from benchmarks.online_learning.config import OnlineLearningConfig, quick
+from benchmarks.online_learning.measures import (
     cycle_summary,
     latency_summary,
-    markdown,
     oom_lines,
-    quick,
-    ranking_order,
     ratio,
     targets,
 )
+from benchmarks.online_learning.report import markdown
+from benchmarks.online_learning.users import all_tied
+from instructloop.training.data.simulated_labeler import ranking_order
 
 
 def test_ranking_order_maps_equal_texts_to_distinct_responses() -> None:
@@ -291,10 +290,10 @@ def test_markdown_of_a_run_that_stopped_early() -> None:
 
 
 def test_the_scoring_helpers_exist() -> None:
-    """The run checks these before it starts `up`; a rename shows here first."""
+    """The run imports these to score the held-out answers; a rename shows here first."""
     import importlib
 
-    from benchmarks.online_learning import SCORING_HELPERS
+    from benchmarks.online_learning.heldout import SCORING_HELPERS
 
     for module, names in SCORING_HELPERS.items():
         mod = importlib.import_module(module)

@@ -1,9 +1,9 @@
-"""Loading weights into a running vLLM engine (instructloop/weight_sync.py).
+"""Loading weights into a running vLLM engine (instructloop/weight_sync/).
 
 The claim under test: after `reload_weights`, the running engine generates exactly what a freshly
 started engine on the same checkpoint generates, and what transformers generates, for a checkpoint
-in which EVERY tensor changed, embeddings included (ENV-NOTES: vLLM's plain in-place reload gets
-this wrong for tied embeddings). Greedy token ids are compared token for token.
+in which EVERY tensor changed, embeddings included (docs/VLLM-CPU.md: vLLM's plain in-place
+reload gets this wrong for tied embeddings). Greedy token ids are compared token for token.
 
 Engines run in float32 for the main test: on the CPU backend fp32 makes vLLM prepack the tied
 lm_head through oneDNN on any x86 machine, which is the case the plain reload gets wrong (a
@@ -33,9 +33,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from ckpt_helpers import BF16_TIE, chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
 
 from instructloop import weight_sync as ws
+from instructloop.weight_sync import load as ws_load
+from instructloop.weight_sync import staging as ws_staging
+from tests.support.checkpoints import edit_checkpoint, perturb_checkpoint
+from tests.support.data import chat_prompts
+from tests.support.reference import BF16_TIE
+from tests.support.reference import checkpoint_greedy as hf_greedy
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache per engine
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,8 +116,8 @@ def fresh_greedy(ckpt: Path, prompts: list[str], dtype: str) -> list[Greedy]:
 
 
 # vLLM's CPU kernels break bf16 ties differently run to run in ONE engine with unchanged weights
-# (AMX Xeon, 2026-12-05: prompt 0 parted at token 19, top-2 gaps 0.0625 / 0.0, in 6 of 10
-# repeats, reloads or not), so bf16 runs are compared up to the first tie (BF16_TIE).
+# (on a CPU with AMX, with or without reloads: a near-tie of the top two logits flips), so bf16
+# runs are compared up to the first tie (BF16_TIE).
 
 
 @dataclass(frozen=True)
@@ -229,7 +234,7 @@ def test_orphaned_staging_is_removed(tmp_path: Path) -> None:
     for d in (gone, live, legacy):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"x")
-    ws._remove_orphaned_staging(tmp_path)
+    ws_staging.remove_orphaned_staging(tmp_path)
     assert not gone.exists()
     assert live.exists() and legacy.exists()
 
@@ -332,7 +337,7 @@ async def test_async_swap_matches_fresh_engine_and_transformers(
         orig = await _all(llm, prompts)
         assert orig == hf_orig
 
-        # Control: vLLM's plain in-place reload, the method ENV-NOTES warns about. Where the
+        # Control: vLLM's plain in-place reload, the method docs/VLLM-CPU.md warns about. Where the
         # CPU backend prepacked the tied head (oneDNN, fp32), it leaves the head stale and the
         # tokens wrong; this shows the comparison below can fail.
         await llm.pause_generation(mode="wait")
@@ -450,14 +455,14 @@ def test_offline_bf16_reload_and_state_dict(ckpts: dict[str, Path], prompts: lis
 
     fresh = fresh_greedy(ckpts["pert"], prompts, "bfloat16")
     hf = hf_greedy(ckpts["pert"], prompts, 4, "bfloat16")
-    # The first greedy token agrees; later bf16 steps may part ways (on an AMX Xeon vLLM's and
-    # torch's bf16 kernels parted at token 3 or 4 of one prompt, run to run, 2026-12-02). The
+    # The first greedy token agrees; later bf16 steps may part ways (vLLM's and torch's bf16
+    # kernels round differently, and a near-tie flips from run to run). The
     # reload checks are fresh-vs-reloaded below and the exact fp32 tests above.
     assert [g.tokens[:1] for g in fresh] == [t[:1] for t in hf]
 
     llm = offline_engine(ckpts["orig"], "bfloat16")
     try:
-        assert not ws._worker_in_process(llm)  # default: the worker is another process
+        assert not ws_load.worker_in_process(llm)  # default: the worker is another process
         orig = offline_greedy(llm, prompts)
         # Control: the two checkpoints part ways beyond ties, so the comparisons below can fail.
         assert all(a.tokens != b.tokens for a, b in zip(orig, fresh, strict=True))
@@ -523,7 +528,7 @@ def test_offline_in_process_state_dict_by_reference(
         **ws.engine_kwargs(),
     )
     try:
-        assert ws._worker_in_process(llm)
+        assert ws_load.worker_in_process(llm)
         orig = offline_generate(llm, prompts)
         policy = AutoModelForCausalLM.from_pretrained(str(ckpts["pert"]), dtype=torch.float32)
         with torch.no_grad():

@@ -111,16 +111,7 @@ def write_checkpoint(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        state = {k: v.detach().to("cpu", dtype) for k, v in save_state_dict(model).items()}
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
-        # save_pretrained writes the in-memory dtype (float32 master weights) into config.json;
-        # the file must declare what is on disk, since vLLM and transformers load by it.
-        cfg_path = tmp / "config.json"
-        saved = json.loads(cfg_path.read_text())
-        saved.update({"dtype": save_dtype, "use_cache": True, **(config_updates or {})})
-        saved.pop("torch_dtype", None)
-        cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-        del state
+        _save_weights(model, tmp, dtype, save_dtype, config_updates or {})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, src in (extra_files or {}).items():
@@ -147,6 +138,25 @@ def write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return read_checkpoint(out)
+
+
+def _save_weights(
+    model: PreTrainedModel,
+    tmp: Path,
+    dtype: torch.dtype,
+    save_dtype: str,
+    config_updates: Mapping[str, Any],
+) -> None:
+    """The weights in `dtype` and config.json, with `config_updates`, into `tmp`."""
+    state = {k: v.detach().to("cpu", dtype) for k, v in save_state_dict(model).items()}
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state)
+    # save_pretrained writes the in-memory dtype (float32 master weights) into config.json;
+    # the file must declare what is on disk, since vLLM and transformers load by it.
+    cfg_path = tmp / "config.json"
+    saved = json.loads(cfg_path.read_text())
+    saved.update({"dtype": save_dtype, "use_cache": True, **config_updates})
+    saved.pop("torch_dtype", None)
+    cfg_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

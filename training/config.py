@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message says which field and why."""
+from instructloop.errors import ConfigError
 
 
 @dataclass
@@ -39,9 +37,9 @@ class StageConfig:
     """"auto" (CUDA when available, else CPU), "cpu", "cuda", "cuda:1", ..."""
     mixed_precision: Literal["auto", "bf16", "no"] = "auto"
     """Forward/backward under bf16 autocast with float32 master weights. "auto": bf16 on CUDA
-    (when supported), none on CPU (emulated bf16 on an AVX2-only CPU is several times slower
-    than float32). On a CPU with native bf16 (AMX, AVX512-BF16) set "bf16": PPO on the 135M
-    model ran 1.5x (AMX Xeon) and 1.65x (AVX512-BF16 EPYC) faster than float32."""
+    (when supported), none on CPU, where bf16 without native support is emulated and slower
+    than float32. On a CPU with native bf16 (AMX, AVX512-BF16) set "bf16", which is faster than
+    float32 there (benchmarks/HISTORY.md)."""
     save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """dtype of the saved weights. "auto": the dtype of the model the stage started from, so the
     server loads the new checkpoint exactly as it loaded the old one."""
@@ -49,13 +47,12 @@ class StageConfig:
     """Trade compute for activation memory (useful on GPUs for the larger models)."""
     attn_implementation: Literal["auto", "eager", "sdpa"] = "auto"
     """Attention kernels of the models this stage trains. "auto": eager on the CPU, sdpa
-    elsewhere. PyTorch's CPU SDPA backward ran about 8x its own forward here, and a PPO update
-    (SmolLM2-135M, minibatch 4, bf16) took 13.3 s with sdpa and 10.7 s with eager
-    (benchmarks/ppo_speed.py, 2026-12-02)."""
+    elsewhere, because PyTorch's CPU SDPA backward is slow enough that a PPO update runs faster
+    with eager attention (benchmarks/ppo_speed.py, benchmarks/HISTORY.md)."""
     cpu_allocator_tuning: bool = True
     """On Linux/glibc CPUs, keep freed memory in the heap (mallopt) so that the per-step weight
-    casts and gradients do not page-fault fresh memory every minibatch: a PPO update went
-    10.7 -> 9.0 s. The process keeps its peak memory until it exits."""
+    casts and gradients do not page-fault fresh memory every minibatch, which shortens a PPO
+    update (benchmarks/HISTORY.md). The process keeps its peak memory until it exits."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm (not in the paper; standard, and a NaN guard)."""
     parent_version: str | None = None
@@ -252,8 +249,8 @@ class PPOConfig(StageConfig):
     """Subtracted from the score of a response that ended without EOS (cut at max_new_tokens),
     so length runaway does not pay (TRL recommends it); 0 = off. It is applied after
     normalize_reward, so 1.0 is one RM standard deviation: where many early rollouts are cut
-    (a short max_new_tokens) it can teach the policy to stop early. The learning benchmark
-    runs with 0 (96-token limit; benchmarks/HISTORY.md: 25- vs 43-word answers at step 32)."""
+    (a short max_new_tokens) it can teach the policy to stop early, which is why the default
+    recipe runs with 0 (training/recipes.py; benchmarks/HISTORY.md)."""
 
     # -- guards
     kl_stop: float | None = 30.0
@@ -287,7 +284,7 @@ class PPOConfig(StageConfig):
     # -- rollout engine
     vllm_dtype: str = "auto"
     """dtype of the rollout engine ("auto": the checkpoint's; float32 on a CPU without native bf16,
-    see training.common.engine_dtype)."""
+    see instructloop.hardware.engine_dtype)."""
     vllm_kv_cache_gib: float = 1.0
     """KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE, GiB)."""
     vllm_gpu_memory_utilization: float = 0.3

@@ -1,6 +1,6 @@
 """Evaluation of a policy: instruction following, win rate, and the alignment tax.
 
-- IFEval-style accuracy on held-out constraint prompts (training/data/constraints.py): prompt
+- IFEval-style accuracy on held-out constraint prompts (training/data/constraints/): prompt
   level (all instructions of a prompt met) and instruction level, IFEval's strict checkers.
 - Win rate of the policy against a baseline on the same held-out prompts, judged by the
   constraints met and, when given, by a reward model (training/judges.py). Ties count half.
@@ -8,7 +8,8 @@
   data sets, PPO-ptx recovers most of it). Token-weighted mean NLL with a transformers forward.
 
 Answers are generated with vLLM (greedy by default, so a rerun gives the same answers).
-`instructloop eval` (training/eval_cli.py) prints `format_table(report)` and writes the JSON.
+`instructloop eval` (instructloop/cli/evaluate.py) prints `format_table(report)` and writes
+the JSON.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ from instructloop.training.data.constraints import (
     paired_gain,
 )
 from instructloop.training.judges import ConstraintJudge, RewardModelJudge, WinRate, judge_win_rate
+from instructloop.training.models import pad_batch
+from instructloop.training.runtime import offline_hub, resolve_device
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 DEFAULT_PTX_HELDOUT = Path(__file__).parent / "data" / "files" / "ptx_heldout.jsonl"
 
@@ -147,7 +150,7 @@ def lm_loss(
         with torch.no_grad():
             for i in range(0, len(seqs), batch_size):
                 chunk = seqs[i : i + batch_size]
-                ids, mask = _pad(chunk, device)
+                ids, mask = pad_batch(chunk, 0, device)  # padding is masked out
                 logits = model(input_ids=ids, attention_mask=mask).logits.float()
                 logp = torch.log_softmax(logits[:, :-1], dim=-1)
                 tgt = ids[:, 1:]
@@ -160,18 +163,6 @@ def lm_loss(
     return LMLoss(nll=total / count, n_tokens=count, n_texts=len(seqs))
 
 
-def _pad(seqs: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    t = max(len(s) for s in seqs)
-    ids = torch.zeros((len(seqs), t), dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s))
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def model_lm_loss(
     model_dir: str | Path,
     texts: Sequence[str],
@@ -181,8 +172,8 @@ def model_lm_loss(
     max_length: int = 1024,
 ) -> LMLoss:
     """`lm_loss` of a checkpoint, loaded in float32 (bf16 logits would blur a 2% difference)."""
+    offline_hub()  # before transformers is first imported
     import torch
-    from instructloop.training.common import resolve_device
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -234,6 +225,7 @@ def evaluate(
     cfg: EvalConfig, *, progress: Callable[[str], None] = lambda _m: None
 ) -> dict[str, Any]:
     """Everything above for `cfg.policy` (and `cfg.baseline`); a JSON-ready report."""
+    offline_hub()  # every model evaluated is a local directory
     t0 = time.time()
     prompts = generate_prompts(cfg.n_prompts, "heldout", seed=cfg.prompt_seed)
     texts = read_texts(cfg.ptx_path or DEFAULT_PTX_HELDOUT)

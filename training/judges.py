@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from instructloop.training.data.constraints import ConstraintPrompt, score
+from instructloop.training.runtime import offline_hub, resolve_device
 
 
 class Judge(Protocol):
@@ -92,7 +93,7 @@ class ConstraintJudge:
 
 
 class RewardModelJudge:
-    """Score = r(x, y) of a reward-model checkpoint (training/reward_model.py), bias included.
+    """Score = r(x, y) of a reward-model checkpoint (training/reward_model/), bias included.
 
     `prompt_texts[i]` is the exact text the policy saw (chat template applied); the RM scores
     prompt_text + response + EOS, as it was trained.
@@ -103,8 +104,9 @@ class RewardModelJudge:
     def __init__(
         self, path: str | Path, *, device: str = "auto", batch_size: int = 8, max_length: int = 1024
     ) -> None:
-        from instructloop.training.common import resolve_device
-        from instructloop.training.reward_model import RewardScorer
+        offline_hub()  # before transformers is first imported
+        # torch and transformers load only when a reward model judges.
+        from instructloop.training.reward_model.scorer import RewardScorer
 
         self.path = str(path)
         self.scorer: Any = RewardScorer(

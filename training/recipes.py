@@ -1,10 +1,11 @@
 """Recipes: the reward-model and PPO-ptx settings that teach a model of a given size.
 
-A cycle (training/cycle.py) runs its recipe's settings, then the cycle config's own overrides on
-top; `benchmarks/learning.py` runs the same recipe. InstructGPT's values (Ouyang et al., 2022,
-App. C) are for 1.3B-175B models trained on a cluster for 256k episodes; a 135M model trained for
-a few dozen PPO steps on a CPU needs other values, and each departure below names the paper's
-value and why (the measurements behind them: benchmarks/HISTORY.md, "Learning").
+A training cycle (instructloop.training.loop) runs its recipe's settings, then the cycle config's
+own overrides on top; the learning benchmark (benchmarks/learning/) runs the same recipe.
+InstructGPT's values (Ouyang et al., 2022, App. C) are for 1.3B-175B models trained on a cluster
+for 256k episodes; a 135M model trained for a few dozen PPO steps on a CPU needs other values,
+and each departure below names the paper's value and why (the measurements behind them:
+benchmarks/HISTORY.md, "Learning").
 
 A recipe is chosen by name (`CycleConfig.recipe`); the default model's is the default.
 """
@@ -26,7 +27,7 @@ class Recipe:
     reward_model: dict[str, Any] = field(default_factory=dict)
     ppo: dict[str, Any] = field(default_factory=dict)
     step_memory_gib: dict[str, float] = field(default_factory=dict)
-    """Memory each heavy cycle step needs free before it starts (training/cycle.py refuses the
+    """Memory each heavy cycle step needs free before it starts (the training loop refuses the
     step with a clear message otherwise): the step's peak resident memory with headroom."""
 
     def reward_model_overrides(self) -> dict[str, Any]:

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import redis
 import uvloop
-from fb_helpers import ids, make_completion
+
 from instructloop.feedback.config import StoreConfig
 from instructloop.feedback.errors import StoreUnavailable
 from instructloop.feedback.store import Ack, FeedbackStore
-
 from instructloop.redis_server import RedisProcess
+from tests.support.records import ids, make_completion
 
 
 async def _wait_for(cond, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fb_helpers import ids, make_completion
+
+from instructloop.cli import main as cli_main
 from instructloop.feedback.config import StoreConfig
 from instructloop.feedback.errors import ExportError
 from instructloop.feedback.export import ExportManifest, export_snapshot, feedback_since
 from instructloop.feedback.records import CompletionRecord
 from instructloop.feedback.store import FeedbackStore
-
-from instructloop.cli import main as cli_main
+from tests.support.records import ids, make_completion
 
 
 @pytest.fixture

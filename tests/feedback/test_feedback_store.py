@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from fb_helpers import db_state, ids, make_completion
+
 from instructloop.feedback.config import StoreConfig
 from instructloop.feedback.errors import (
     IdempotencyConflict,
@@ -23,8 +23,9 @@ from instructloop.feedback.errors import (
 )
 from instructloop.feedback.records import CompletionRecord, FeedbackRecord
 from instructloop.feedback.store import FeedbackStore, normalize_ranks
-
 from instructloop.redis_server import free_port
+from tests.support.records import ids, make_completion
+from tests.support.redis_state import db_state
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
-from fb_helpers import db_state
 from safetensors.numpy import save_file
 
 from instructloop.redis_server import free_port
@@ -28,6 +27,7 @@ from instructloop.registry import (
     UnknownVersion,
     fingerprint,
 )
+from tests.support.redis_state import db_state
 
 
 def checkpoint(path: Path, seed: int) -> Path:

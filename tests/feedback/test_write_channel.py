@@ -13,17 +13,17 @@ from typing import Any
 import pytest
 import redis
 import uvloop
-from fb_helpers import make_completion
-from instructloop.feedback.config import StoreConfig
-from instructloop.feedback.errors import StoreUnavailable
-from instructloop.feedback.store import FeedbackStore
-from instructloop.feedback.write_channel import Endpoint, ScriptChannel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.errors import StoreUnavailable
+from instructloop.feedback.store import FeedbackStore
+from instructloop.feedback.write_channel import Endpoint, ScriptChannel
 from instructloop.redis_server import RedisProcess
+from tests.support.records import make_completion
 
 # SET a key, count the call, return both: each caller's reply names its own value.
 SCRIPT = """

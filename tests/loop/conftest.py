@@ -1,4 +1,4 @@
-"""Fixtures of the training-loop tests (see loop_helpers.py)."""
+"""Fixtures of the training-loop tests (their helpers are in tests/support/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from loop_helpers import WorkerProc, build_tiny_llama
+
+from tests.support.models import build_tiny_llama
+from tests.support.worker import WorkerProc
 
 
 @pytest.fixture(scope="session")

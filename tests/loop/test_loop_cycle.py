@@ -8,19 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from instructloop.training.celery_app import LoopConfig
-from instructloop.training.cycle import (
-    STEPS,
-    CycleConfig,
-    CycleStore,
-    due_trigger,
-    gate_checks,
-    run_step,
-)
-from instructloop.training.locks import Holder
-from loop_helpers import build_tiny_llama, seed_feedback
 
 from instructloop.registry import ModelRegistry
+from instructloop.training.loop.config import STEPS, CycleConfig, LoopConfig
+from instructloop.training.loop.locks import Holder
+from instructloop.training.loop.runner import run_step
+from instructloop.training.loop.steps import gate_checks
+from instructloop.training.loop.store import CycleStore
+from instructloop.training.loop.triggers import due_trigger
+from tests.support.models import build_tiny_llama
+from tests.support.records import seed_feedback
 
 
 def _run(step: str, cycle_id: str, token: int, redis_client: Any, redis_url: str) -> Any:
@@ -258,8 +255,9 @@ def test_not_enough_feedback_fails_with_reason(
 def test_resume_stalled_resends_the_rest_of_the_chain_once(
     redis_client: Any, redis_url: str, tmp_path: Path
 ) -> None:
-    from instructloop.training.celery_app import LoopConfig, create_app
-    from instructloop.training.cycle import resume_stalled
+    from instructloop.training.loop.celery_app import create_app
+    from instructloop.training.loop.config import LoopConfig
+    from instructloop.training.loop.triggers import resume_stalled
 
     app = create_app(LoopConfig(redis_url=redis_url))
     store = CycleStore(redis_client, "il:", 60)
@@ -289,7 +287,7 @@ def test_resume_stalled_resends_the_rest_of_the_chain_once(
 def test_model_register_prints_version_and_refuses_bad_paths(
     redis_client: Any, redis_url: str, tiny_policy: Path, tmp_path: Path
 ) -> None:
-    from loop_helpers import cli, loop_env
+    from tests.support.loop import cli, loop_env
 
     env = loop_env(redis_url)
     first = cli("model", "register", str(tiny_policy), env=env)
@@ -314,7 +312,7 @@ def test_a_heavy_step_without_the_memory_it_needs_is_refused(
 ) -> None:
     """The reward-model step needs more memory than is free: it does not start (no subprocess,
     nothing written), the cycle fails with a message that says so, and the live version stays."""
-    from instructloop.training.cycle import CycleError
+    from instructloop.training.loop.store import CycleError
 
     reg, v1, _ = two_versions
     store = CycleStore(redis_client, "il:")

@@ -3,8 +3,8 @@ feedback while it serves.
 
 1. The live service (InstructloopServer on vLLM, following the registry) serves a policy that
    has a real choice to make: a tiny Llama taught to answer "Tell me about X." with one of four
-   answers of 1, 1, 3 and 7 words (loop_helpers.build_tiny_answerer; the default model would
-   take an hour here, see benchmarks/learning.py). Simulated users ask it for n=4 candidates
+   answers of 1, 1, 3 and 7 words (support.models.build_tiny_answerer; the default model would
+   take an hour here, see benchmarks/learning/). Simulated users ask it for n=4 candidates
    over gRPC and rank them by a programmatic preference (fewer words is better), with
    SubmitRanking.
 2. A cycle runs on a real `instructloop worker` process (Celery, Redis broker): snapshot ->
@@ -27,15 +27,6 @@ from typing import Any
 
 import grpc
 import pytest
-from instructloop.serving.testing import Served, running_server
-from loop_helpers import (
-    ANSWER_SET,
-    REPO,
-    build_tiny_answerer,
-    cycle_story,
-    loop_env,
-    metric_value,
-)
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import (
@@ -46,6 +37,10 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+from tests.support.loop import REPO, cycle_story, loop_env
+from tests.support.metrics import metric_value
+from tests.support.models import ANSWER_SET, build_tiny_answerer
+from tests.support.server import Served, running_server
 
 pytestmark = pytest.mark.slow
 

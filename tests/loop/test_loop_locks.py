@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from instructloop.training.locks import BeatLock, CycleLock, Holder
+
+from instructloop.training.loop.locks import BeatLock, CycleLock, Holder
 
 
 @pytest.fixture

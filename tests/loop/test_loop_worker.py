@@ -14,18 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from instructloop.training.cycle import STEPS, TERMINAL, CycleStore
-from loop_helpers import (
-    REPO,
-    cli,
-    loop_env,
-    metric_value,
-    seed_feedback,
-    tiny_cycle_config,
-    wait_for,
-)
 
 from instructloop.registry import ModelRegistry
+from instructloop.training.loop.config import STEPS
+from instructloop.training.loop.store import TERMINAL, CycleStore
+from tests.support.loop import REPO, cli, loop_env, tiny_cycle_config, wait_for
+from tests.support.metrics import metric_value
+from tests.support.records import seed_feedback
 
 pytestmark = pytest.mark.slow
 

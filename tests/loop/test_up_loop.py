@@ -3,7 +3,7 @@ completions for the whole of a cycle, and the other verbs finding the loop by th
 
 No test-only memory setting: the serving KV cache is the plan's, the heavy steps check the
 recipe's memory needs and run at the lowest priority. Only the cycle's sizes are small (a few PPO
-steps), so that it fits the suite; the shipped recipe's whole run is benchmarks/online_learning.py.
+steps), so that it fits the suite; the shipped recipe's whole run is benchmarks/online_learning/.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from instructloop.serving.testing import RECONNECT_EVERY_SECOND
-from instructloop.training.data.constraints import generate_prompts
-from instructloop.training.data.simulated_labeler import rank, ranking_order
 
 from instructloop.paths import DEFAULT_MODEL_NAME
 from instructloop.redis_server import free_port
 from instructloop.running import read_running
+from instructloop.training.data.constraints import generate_prompts
+from instructloop.training.data.simulated_labeler import rank, ranking_order
 from instructloop.v1 import (
     completion_pb2,
     completion_pb2_grpc,
@@ -36,6 +35,7 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+from tests.support.server import RECONNECT_EVERY_SECOND
 
 USER, ADMIN = "up-user", "up-admin"
 K = 4

@@ -19,7 +19,9 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
-from instructloop.serving.testing import Served, running_server
+
+from tests.support.redis_state import flushed_client
+from tests.support.server import Served, running_server
 
 SERVING_DB = 14
 
@@ -35,13 +37,8 @@ def serving_redis_url(redis_url: str) -> str:
 @pytest.fixture(scope="session")
 def serving_redis(serving_redis_url: str) -> Iterator[redis.Redis]:
     """A sync client on the serving database; flushed at session start and end."""
-    client = redis.Redis.from_url(serving_redis_url, decode_responses=True)
-    client.flushdb()
-    try:
+    with flushed_client(serving_redis_url, decode_responses=True) as client:
         yield client
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @pytest_asyncio.fixture(scope="session")

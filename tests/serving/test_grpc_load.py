@@ -9,12 +9,12 @@ import asyncio
 import grpc
 import pytest
 import redis
-from instructloop.feedback.keys import Keys
-from instructloop.serving.testing import Served
-from serving_helpers import small_completion, stubs
 
 from benchmarks.grpc_load import Connection, GrpcError
+from instructloop.feedback.keys import Keys
 from instructloop.v1 import completion_pb2, feedback_pb2
+from tests.support.rpc import small_completion, stubs
+from tests.support.server import Served
 
 pytestmark = pytest.mark.engine
 

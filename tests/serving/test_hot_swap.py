@@ -7,7 +7,7 @@ The claims:
 - a promotion reaches every replica, without a restart; each then generates exactly what
   transformers generates on the new checkpoint, token for token, for a checkpoint in which every
   tensor changed, embeddings included (the case vLLM's plain in-place reload gets wrong on tied
-  embeddings, ENV-NOTES); a freshly started replica on the live version generates the same;
+  embeddings, docs/VLLM-CPU.md); a freshly started replica on the live version generates the same;
 - under constant concurrent load (unary and streams) no request fails, and every response's
   tokens are exactly what its named version produces greedily: never a mix of two versions,
   whether the request finished on the old weights (long drain) or was restarted on the new
@@ -36,12 +36,15 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
-from ckpt_helpers import QUESTIONS, chat_prompts, edit_checkpoint, hf_greedy, perturb_checkpoint
-from instructloop.serving.testing import Served, running_server
-from serving_helpers import chat, redis_state, rpc_error, stored_completion, stubs
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2, model_pb2
+from tests.support.checkpoints import edit_checkpoint, perturb_checkpoint
+from tests.support.data import QUESTIONS, chat_prompts
+from tests.support.redis_state import redis_state, stored_completion
+from tests.support.reference import checkpoint_greedy as hf_greedy
+from tests.support.rpc import chat, rpc_error, stubs
+from tests.support.server import Served, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.engine]
 

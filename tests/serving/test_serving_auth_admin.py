@@ -14,11 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from instructloop.serving.testing import Served
-from serving_helpers import chat, redis_state, rpc_error, stubs
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2, feedback_pb2, model_pb2
+from tests.support.redis_state import redis_state
+from tests.support.rpc import chat, rpc_error, stubs
+from tests.support.server import Served
 
 pytestmark = pytest.mark.engine
 

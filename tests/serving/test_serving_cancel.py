@@ -9,10 +9,11 @@ import time
 import grpc
 import pytest
 import redis
-from instructloop.serving.testing import Served
-from serving_helpers import redis_state, rpc_error, stubs
 
 from instructloop.v1 import completion_pb2
+from tests.support.redis_state import redis_state
+from tests.support.rpc import rpc_error, stubs
+from tests.support.server import Served
 
 pytestmark = pytest.mark.engine
 

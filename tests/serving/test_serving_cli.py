@@ -14,11 +14,11 @@ import grpc
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from instructloop.serving.testing import RECONNECT_EVERY_SECOND
 
 from instructloop.hardware import cpu_engine_installed, engine_omp_env
 from instructloop.redis_server import free_port
 from instructloop.v1 import completion_pb2, completion_pb2_grpc, model_pb2, model_pb2_grpc
+from tests.support.server import RECONNECT_EVERY_SECOND
 
 
 def test_cli_help_lists_the_verbs() -> None:
@@ -122,7 +122,7 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
 def test_the_training_loop_does_not_inherit_the_servers_engine_settings() -> None:
     """`up` starts the worker and beat with this process's environment and their Redis, less
     what the server set for its own engine (GOMP_SPINCOUNT)."""
-    from instructloop.serving.cli import loop_env
+    from instructloop.cli.up import training_env as loop_env
 
     env = loop_env(
         {"PATH": "/bin", "GOMP_SPINCOUNT": "20000", "REDIS_URL": "redis://old"},

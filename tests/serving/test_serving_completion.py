@@ -11,13 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 import redis
-from ckpt_helpers import BF16_TIE
-from instructloop.serving.testing import Served
-from serving_helpers import chat, redis_state, stored_completion, stubs
 
 from instructloop.hardware import engine_dtype
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2
+from tests.support.redis_state import redis_state, stored_completion
+from tests.support.reference import BF16_TIE
+from tests.support.rpc import chat, stubs
+from tests.support.server import Served
 
 pytestmark = pytest.mark.engine
 

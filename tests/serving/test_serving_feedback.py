@@ -7,10 +7,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis
-from instructloop.serving.testing import Served, running_server
-from serving_helpers import chat, redis_state, rpc_error, small_completion, stubs
 
 from instructloop.v1 import completion_pb2, feedback_pb2
+from tests.support.redis_state import redis_state
+from tests.support.rpc import chat, rpc_error, small_completion, stubs
+from tests.support.server import Served, running_server
 
 pytestmark = pytest.mark.engine
 

@@ -15,10 +15,10 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from instructloop.serving.testing import Served, running_server
-from serving_helpers import rpc_error, stubs
 
 from instructloop.v1 import completion_pb2
+from tests.support.rpc import rpc_error, stubs
+from tests.support.server import Served, running_server
 
 pytestmark = pytest.mark.engine
 

@@ -14,11 +14,11 @@ import grpc
 import pytest
 import pytest_asyncio
 import redis
-from instructloop.serving.testing import Served, running_server
-from serving_helpers import rpc_error, stubs
 
 from instructloop.redis_server import RedisProcess
 from instructloop.v1 import completion_pb2, feedback_pb2
+from tests.support.rpc import rpc_error, stubs
+from tests.support.server import Served, running_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.slow]
 

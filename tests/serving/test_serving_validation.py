@@ -5,10 +5,11 @@ from __future__ import annotations
 import grpc
 import pytest
 import redis
-from instructloop.serving.testing import Served
-from serving_helpers import chat, redis_state, rpc_error, stubs
 
 from instructloop.v1 import completion_pb2
+from tests.support.redis_state import redis_state
+from tests.support.rpc import chat, rpc_error, stubs
+from tests.support.server import Served
 
 pytestmark = pytest.mark.engine
 
@@ -121,7 +122,7 @@ async def test_messages_rendered_with_the_chat_template(
     served: Served, channel: grpc.aio.Channel, serving_redis: redis.Redis
 ) -> None:
     """The template's own rendering (system + user + assistant turns, generation prompt)."""
-    from serving_helpers import stored_completion
+    from tests.support.redis_state import stored_completion
 
     s = stubs(channel)
     turns = (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"), ("user", "Bye"))

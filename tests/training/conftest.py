@@ -11,20 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from training_helpers import (
-    GREEDY_TOKENS,
-    WORDS,
-    build_tiny_model,
-    chat_prompt,
-    greedy_prompts,
-    vllm_greedy,
-    write_jsonl,
-)
+
+from tests.support.data import GREEDY_TOKENS, WORDS, chat_prompt, greedy_prompts, write_jsonl
+from tests.support.engines import vllm_greedy
+from tests.support.models import build_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_model(model_dir, tmp_path_factory.mktemp("tiny") / "model")
+    out = tmp_path_factory.mktemp("tiny") / "model"
+    return build_tiny_llama(out, model_dir, source_config=True, max_position_embeddings=1024)
 
 
 @pytest.fixture(scope="session")
@@ -110,7 +106,7 @@ def rollout_engine(tiny_sft: Any, data_dir: Path, tiny_tokenizer: Any) -> Iterat
     run_ppo loads its actor into it first. `engine.initial_greedy` keeps its greedy tokens on
     `greedy_prompts` taken right after start (a fresh engine on the SFT checkpoint), whatever
     the tests do to it later."""
-    from instructloop.training.rollout import RolloutEngine
+    from instructloop.training.ppo.rollout import RolloutEngine
 
     engine = RolloutEngine(tiny_sft.path, max_model_len=256, seed=0, kv_cache_gib=1)
     try:

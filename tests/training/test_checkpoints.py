@@ -11,15 +11,18 @@ from typing import Any
 
 import pytest
 import torch
+
 from instructloop.training.checkpoint import (
     MANIFEST_NAME,
     CheckpointError,
     read_checkpoint,
     write_checkpoint,
 )
-from instructloop.training.common import encode_prompt_response
+from instructloop.training.datafiles import encode_prompt_response
 from instructloop.training.reward_model import RewardScorer
-from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, vllm_greedy
+from tests.support.data import GREEDY_TOKENS, greedy_prompts
+from tests.support.engines import vllm_greedy
+from tests.support.reference import hf_greedy
 
 
 def tiny_write(model: Any, tok: Any, out: Path, **kw: Any) -> Any:
@@ -114,10 +117,11 @@ def test_sft_checkpoint_loads_in_vllm_and_transformers(
 def test_ppo_checkpoint_loads_in_a_fresh_vllm_engine(
     tmp_path: Path, tiny_sft: Any, data_dir: Path, tiny_tokenizer: Any, rollout_engine: Any
 ) -> None:
+    from transformers import AutoModelForCausalLM
+
     from instructloop.training.config import PPOConfig
     from instructloop.training.ppo import run_ppo
-    from instructloop.training.rollout import RolloutEngine
-    from transformers import AutoModelForCausalLM
+    from instructloop.training.ppo.rollout import RolloutEngine
 
     cfg = PPOConfig(
         policy_path=str(tiny_sft.path), prompts_path=str(data_dir / "prompts.jsonl"),

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from instructloop.training.data.constraints import (
     DEFAULT_INSTRUCTIONS,
     HELDOUT_ONLY_INSTRUCTIONS,

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from instructloop.training.data.constraints import make_prompt
 from instructloop.training.evaluate import (
     EvalConfig,
@@ -148,8 +149,9 @@ def test_shipped_ptx_corpus_is_readable() -> None:
 
 def test_reward_model_judge_matches_transformers(tiny_model_dir: Path, tmp_path: Path) -> None:
     import torch
-    from instructloop.training.judges import RewardModelJudge
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from instructloop.training.judges import RewardModelJudge
 
     cfg = AutoConfig.from_pretrained(tiny_model_dir)
     cfg.num_labels = 1

@@ -1,4 +1,4 @@
-"""The learning benchmark's harness (benchmarks/learning.py) end to end at --quick sizes on the
+"""The learning benchmark's harness (benchmarks/learning/) end to end at --quick sizes on the
 default model: sampling, the simulated labeller's export, RM, PPO-ptx on vLLM, the evaluation of
 the final and the intermediate checkpoints; then a rerun in the same work dir that reuses what
 has the same settings and trains again what does not. The learning itself is measured by the

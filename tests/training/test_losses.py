@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from instructloop.training.losses import (
     cosine_lr_factor,
     gae,

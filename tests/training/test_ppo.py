@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from instructloop.training.common import DataError
+
 from instructloop.training.config import ConfigError, PPOConfig
+from instructloop.training.datafiles import DataError
 from instructloop.training.losses import ptx_loss
 from instructloop.training.ppo import (
     RolloutBatch,
@@ -25,19 +26,11 @@ from instructloop.training.ppo import (
     shape_scores,
     token_rewards,
 )
+from instructloop.training.ppo.rollout import Rollout
 from instructloop.training.reward_model import token_scores
-from instructloop.training.rollout import Rollout
-from training_helpers import (
-    GREEDY_TOKENS,
-    WORDS,
-    greedy_prompts,
-    hf_greedy,
-    hf_token_logprobs,
-    max_abs_diff,
-    scored_sequences,
-    vllm_greedy,
-    vllm_token_logprobs,
-)
+from tests.support.data import GREEDY_TOKENS, WORDS, greedy_prompts, scored_sequences
+from tests.support.engines import vllm_greedy, vllm_token_logprobs
+from tests.support.reference import hf_greedy, hf_token_logprobs, max_abs_diff
 
 
 def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
@@ -359,8 +352,8 @@ def test_rollout_engine_generates_with_the_current_actor(
         actor, prompts, GREEDY_TOKENS
     )
     # Greedy tokens alone can miss a stale engine: the trained policy may answer as the SFT one
-    # did ("apple" on every prompt; a run here did). Token log-probabilities cannot: the engine
-    # matched the actor to 3e-6 and was 3.4-12.8 off the SFT model (2026-12-05).
+    # did ("apple" on every prompt). Token log-probabilities cannot: a synced engine matches the
+    # actor to within float error, a stale one is off by whole nats.
     seqs = scored_sequences(data_dir, tiny_tokenizer)
     got = vllm_token_logprobs(rollout_engine, seqs)
     assert max_abs_diff(got, hf_token_logprobs(actor, seqs)) < 1e-3

@@ -1,5 +1,5 @@
-"""A stage's progress file (training/common.py: Progress, MetricsLog), which a cycle copies
-into its record for `instructloop status` and `cycle run --wait`."""
+"""A stage's progress file (training/progress.py: Progress; training/metrics_log.py: MetricsLog),
+which a cycle copies into its record for `instructloop status` and `cycle run --wait`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
-from instructloop.training.common import MetricsLog
+
+from instructloop.training.metrics_log import MetricsLog
 from instructloop.training.progress import PROGRESS_FILE_ENV, Progress
 
 

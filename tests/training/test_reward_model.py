@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 import torch
-from instructloop.training.common import DataError, encode_prompt_response, split_rows
+
 from instructloop.training.config import RewardModelConfig
+from instructloop.training.datafiles import DataError, encode_prompt_response, split_rows
 from instructloop.training.losses import kway_ranking_loss
 from instructloop.training.reward_model import (
     BIAS_KEY,
@@ -25,7 +26,7 @@ from instructloop.training.reward_model import (
     run_reward_model,
     sequence_rewards,
 )
-from training_helpers import write_jsonl
+from tests.support.data import write_jsonl
 
 
 def seq_cls(path: Path, attn_implementation: str = "sdpa") -> Any:

@@ -10,16 +10,13 @@ from typing import Any
 
 import pytest
 import torch
-from instructloop.training.common import DataError, add_residual_dropout, pad_batch, prompt_text_of
+
 from instructloop.training.config import ConfigError, SFTConfig
+from instructloop.training.datafiles import DataError, load_demonstrations, prompt_text_of
 from instructloop.training.losses import lm_loss
-from instructloop.training.sft import (
-    load_demonstrations,
-    response_loss_mask,
-    run_sft,
-    validation_loss,
-)
-from training_helpers import chat_prompt, write_jsonl
+from instructloop.training.models import add_residual_dropout, pad_batch
+from instructloop.training.sft import response_loss_mask, run_sft, validation_loss
+from tests.support.data import chat_prompt, write_jsonl
 
 
 def test_loss_mask_covers_completion_and_eos_only(

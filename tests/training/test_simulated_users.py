@@ -8,6 +8,7 @@ what that count would have said), so they fail if the labeller goes back to coun
 from __future__ import annotations
 
 import pytest
+
 from instructloop.training.data.constraints import ConstraintPrompt, make_prompt, score
 from instructloop.training.data.simulated_labeler import rank
 from instructloop.training.data.simulated_users import (

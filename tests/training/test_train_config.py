@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from instructloop.cli import main
 from instructloop.training.config import (
     ConfigError,
     PPOConfig,
@@ -18,8 +20,6 @@ from instructloop.training.config import (
     load_config,
     parse_overrides,
 )
-
-from instructloop.cli import main
 
 
 def test_paper_defaults() -> None:
@@ -120,7 +120,7 @@ def test_cli_train_sft(
 def test_offline_engine_env_fills_defaults_and_keeps_callers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from instructloop.training.common import offline_engine_env
+    from instructloop.training.runtime import offline_engine_env
 
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
@@ -138,8 +138,8 @@ def test_offline_engine_env_fills_defaults_and_keeps_callers(
 def test_engine_dtype_float32_on_a_cpu_without_bf16(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A bf16 checkpoint samples in float32 on a CPU that only emulates bf16 (4.7x faster on an
-    AVX2 EPYC), in bf16 where the CPU has it; float32 checkpoints and explicit dtypes stand."""
+    """A bf16 checkpoint samples in float32 on a CPU that only emulates bf16 (several times
+    faster there), in bf16 where the CPU has it; float32 checkpoints and explicit dtypes stand."""
     import platform
 
     import torch
@@ -165,7 +165,7 @@ def test_engine_dtype_float32_on_a_cpu_without_bf16(
     assert common.engine_dtype("org/model") == "auto"
     monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"avx2"}))
     assert common.engine_dtype("org/model") == "float32"
-    from instructloop.training import common as training_common
+    from instructloop.training.ppo import rollout as training_common
 
     assert training_common.engine_dtype is common.engine_dtype  # one rule for every engine
 
@@ -174,8 +174,9 @@ def test_attention_kernels_eager_on_cpu_and_same_outputs(tiny_model_dir: Path) -
     """ "auto" picks eager on the CPU (faster backward there) and sdpa elsewhere; an explicit
     choice stands; and the choice changes kernels, not results."""
     import torch
-    from instructloop.training.common import attention_implementation, train_model_kwargs
     from transformers import AutoModelForCausalLM
+
+    from instructloop.training.models import attention_implementation, train_model_kwargs
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert attention_implementation("auto", cpu) == "eager"
@@ -202,7 +203,8 @@ def test_cpu_allocator_tuning_once_and_harmless() -> None:
     import sys
 
     import torch
-    from instructloop.training.common import prepare_runtime, tune_cpu_allocator
+
+    from instructloop.training.runtime import prepare_runtime, tune_cpu_allocator
 
     if not sys.platform.startswith("linux"):
         assert tune_cpu_allocator() is False
@@ -217,7 +219,7 @@ def test_cpu_allocator_tuning_once_and_harmless() -> None:
 
 
 def test_read_jsonl_keeps_unicode_line_separators_inside_strings(tmp_path: Path) -> None:
-    from instructloop.training.common import DataError, read_jsonl
+    from instructloop.training.datafiles import DataError, read_jsonl
 
     texts = ["a\u2028b", "c\u2029d\x85e", "f\x1cg\x1d\x1eh\x0bi\x0cj", "k\r\nl"]
     p = tmp_path / "rows.jsonl"

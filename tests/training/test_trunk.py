@@ -10,8 +10,18 @@ from typing import Any
 
 import pytest
 import torch
-from instructloop.training.common import pad_batch
+from test_ppo import (
+    apple_fraction,
+    fixed_rollouts,
+    flat,
+    load_policy_models,
+    log_rows,
+    run_cfg,
+    small_cfg,
+)
+
 from instructloop.training.config import ConfigError, PPOConfig, RewardModelConfig, validate
+from instructloop.training.models import pad_batch
 from instructloop.training.ppo import (
     TrunkSplit,
     causal_lm_parts,
@@ -23,16 +33,9 @@ from instructloop.training.ppo import (
 )
 from instructloop.training.reward_model import backbone_and_head, run_reward_model
 from instructloop.training.trunk import freeze_lower, lower_hidden, same_trunk, upper_hidden
-from test_ppo import (
-    apple_fraction,
-    fixed_rollouts,
-    flat,
-    load_policy_models,
-    log_rows,
-    run_cfg,
-    small_cfg,
-)
-from training_helpers import GREEDY_TOKENS, greedy_prompts, hf_greedy, sampled_reward, vllm_greedy
+from tests.support.data import GREEDY_TOKENS, greedy_prompts
+from tests.support.engines import sampled_reward, vllm_greedy
+from tests.support.reference import hf_greedy
 
 CPU = torch.device("cpu")
 
@@ -180,7 +183,7 @@ def test_ppo_update_on_a_cached_trunk_equals_the_frozen_model(
     (a_whole, c_whole), (a_cached, c_cached) = results["whole"], results["cached"]
     assert sum(calls) == 4 * 3  # 4 minibatches x 3 ptx sequences, none drawn twice yet
     # Float sums in another order differ in the last bits, and Adam's step (lr 1e-2 here) can
-    # grow such a difference on a near-zero gradient to ~1e-5 (an AVX2 CPU, 2026-12-03); a
+    # grow such a difference on a near-zero gradient to ~1e-5; a
     # wrong trunk would differ by the order of the step itself.
     torch.testing.assert_close(flat(a_cached), flat(a_whole), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(flat(c_cached), flat(c_whole), atol=1e-4, rtol=1e-4)
@@ -256,9 +259,8 @@ def test_ppo_with_a_frozen_trunk_syncs_the_engine_and_keeps_the_trunk(
 
     # One trainable layer of two learns more slowly than the whole model: more steps on larger
     # batches. Judged on 384 fresh samples of each policy, not on the log's noisy 32-sample rows
-    # (16 steps at lr 1e-2: a CI run's last four rows were only 0.08 above its first four). On
-    # fresh samples, six seeds each (2026-12-05): 16 steps rose 0.42-0.50, 24 steps 0.575-0.634
-    # (0.12 -> 0.71 on average).
+    # (over 16 steps the log's rows barely move while fresh samples rise clearly); 24 steps
+    # leave a margin over the threshold below on every seed tried.
     cfg = run_cfg(tmp_path, tiny_sft, data_dir, batch_size=32, total_episodes=32 * 24,
                   trainable_layers=1, lr=1e-2)  # fmt: skip
     info = run_ppo(cfg, apple_fraction, engine=rollout_engine)

@@ -21,14 +21,15 @@ Messages = list[dict[str, str]]
 class SamplerConfig:
     """vLLM engine settings for offline sampling on this project's machines."""
 
-    dtype: str = "auto"  # training.common.engine_dtype (float32 on a CPU without native bf16)
+    dtype: str = "auto"  # instructloop.hardware.engine_dtype (float32 on a CPU without native bf16)
     # Context length; None = the model's own (max_position_embeddings), at most 2048.
     max_model_len: int | None = None
     # CPU KV cache in GiB (VLLM_CPU_KVCACHE_SPACE); ignored on GPUs.
     cpu_kvcache_gib: int = 1
     # GPU memory share when on CUDA (small: the trainer shares the device).
     gpu_memory_utilization: float = 0.3
-    # Engine-level seed only: per-request seeds killed the CPU engine under load (ENV-NOTES).
+    # Engine-level seed only: per-request seeds crash the CPU engine under load
+    # (docs/VLLM-CPU.md, "Seeds and chunked prefill").
     seed: int = 0
 
 
@@ -61,13 +62,13 @@ class Sampler:
 
     def __init__(self, model_dir: str | Path, cfg: SamplerConfig | None = None) -> None:
         self.cfg = cfg or SamplerConfig()
-        from instructloop.training.common import offline_engine_env
+        from instructloop.training.runtime import offline_engine_env
 
         offline_engine_env(self.cfg.cpu_kvcache_gib)
         from vllm import LLM
 
         self.model_dir = str(model_dir)
-        from instructloop.training.common import engine_dtype
+        from instructloop.hardware import engine_dtype
 
         dtype = engine_dtype(self.model_dir, self.cfg.dtype)
         self.llm: Any = LLM(

@@ -1,6 +1,6 @@
 """Simulated users: judge an answer as a person would, not only as a checker does.
 
-Counting the IFEval checks an answer meets (training/data/constraints.py) rewards reflexes: a
+Counting the IFEval checks an answer meets (training/data/constraints/) rewards reflexes: a
 policy trained on that count alone added a P.S. and a <<title>> to answers that asked for neither,
 answered a two-keyword request with "P.S. I hope this helps!", and shortened answers until some
 held nothing. A person who asks for a story with two given words wants a story that has them;
