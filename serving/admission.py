@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,7 +42,9 @@ class InFlight:
 class Admission:
     """The gate and the requests in flight behind it."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[int], None] | None = None) -> None:
+        self._on_change = on_change
+        """Gets the number in flight whenever it changes (instructloop/activity.py)."""
         self._open = asyncio.Event()
         self._open.set()
         self._in_flight: dict[str, InFlight] = {}
@@ -65,12 +68,18 @@ class Admission:
         slot = InFlight(request_id, max_tokens)
         self._in_flight[request_id] = slot
         self._drained.clear()
+        self._changed()
         return slot
 
     def leave(self, request_id: str) -> None:
         del self._in_flight[request_id]
         if not self._in_flight:
             self._drained.set()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(len(self._in_flight))
 
     def hopeless(self, drain_timeout_s: float, now: float) -> list[InFlight]:
         """The requests that cannot reach their max_tokens within `drain_timeout_s` at their

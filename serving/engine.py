@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from instructloop import weight_sync as ws
+from instructloop.activity import ServingActivity
 from instructloop.serving.admission import Admission
 from instructloop.serving.config import ServerConfig
 from instructloop.serving.engine_setup import (
@@ -94,7 +95,10 @@ class Engine:
         """What this engine was given (GiB of KV cache on the CPU, a GPU share on CUDA)."""
         self.serving_since: float = time.time()
         """When this engine began serving `model_version` (start or last swap)."""
-        self._admission = Admission()
+        self._activity: ServingActivity | None = None
+        """This engine's report of its requests in flight, which training steps on the same
+        machine yield to (instructloop/activity.py)."""
+        self._admission = Admission(on_change=self._report_activity)
         self._swap_lock = asyncio.Lock()
         self.swapping = False
 
@@ -122,8 +126,14 @@ class Engine:
         with environ(setup.env):
             self._llm = await asyncio.to_thread(build_llm, self.model, self.config, self.stats)
         self.started_at = self.serving_since = time.time()
+        if self._activity is None:
+            self._activity = ServingActivity()
         progress(f"engine: ready in {time.monotonic() - t0:.0f} s")
         return self
+
+    def _report_activity(self, in_flight: int) -> None:
+        if self._activity is not None:
+            self._activity.set(in_flight)
 
     def _load_tokenizer(self) -> Any:
         from transformers import AutoTokenizer  # heavy; only when an engine starts
@@ -131,6 +141,9 @@ class Engine:
         return AutoTokenizer.from_pretrained(self.model)
 
     def shutdown(self) -> None:
+        activity, self._activity = self._activity, None
+        if activity is not None:
+            activity.close()
         llm, self._llm = self._llm, None
         if llm is not None:
             llm.shutdown()

@@ -424,13 +424,13 @@ async def test_async_swap_under_load_and_failures(
         # A load that fails half way (validation skipped to get there): the previous checkpoint
         # is loaded back, and generation resumes on it.
         await ws.reload_weights(llm, ckpts["pert"])
-        real_validate = ws.validate_checkpoint
-        ws.validate_checkpoint = lambda *_a, **_k: {}  # type: ignore[assignment]
+        real_validate = ws_load.validate_checkpoint  # where reload_weights looks it up
+        ws_load.validate_checkpoint = lambda *_a, **_k: {}  # type: ignore[assignment]
         try:
             with pytest.raises(ws.WeightSyncError) as err:
                 await ws.reload_weights(llm, ckpts["wrong_shape"])
         finally:
-            ws.validate_checkpoint = real_validate  # type: ignore[assignment]
+            ws_load.validate_checkpoint = real_validate  # type: ignore[assignment]
         assert err.value.engine_consistent
         assert "previous weights restored" in str(err.value)
         assert not await llm.is_paused()

@@ -47,6 +47,10 @@ class OnlineLearningConfig:
     idle_settle_s: float = 10.0
     """Pause before the idle probes, after two warm-up requests: the worker and beat have just
     started beside the server."""
+    traffic_probes: int = 30
+    """Probes beside the users' requests before any cycle: the same traffic as during the
+    cycle without training, so that the cycle's own cost on latency can be told apart from the
+    traffic's (reported beside the target, which is against idle)."""
     cycle_request_interval_s: float = 10.0
     """During the cycle, besides the probes, a user asks for K candidates of a training prompt
     this often (logged, as real traffic is)."""
@@ -81,6 +85,7 @@ def quick(cfg: OnlineLearningConfig) -> OnlineLearningConfig:
         sample_max_tokens=32,
         eval_max_tokens=32,
         idle_probes=10,
+        traffic_probes=5,
         idle_settle_s=2.0,
         cycle_config={
             "reward_model": {"epochs": 1},

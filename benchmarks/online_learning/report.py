@@ -101,6 +101,7 @@ def _serving_lines(r: dict[str, Any]) -> list[str]:
     """TTFT, failed requests and the time to the promoted version served."""
     ttft = r.get("ttft", {})
     idle, cyc = ttft.get("idle", {}), ttft.get("cycle", {})
+    traffic = ttft.get("traffic", {})
     failed = r.get("failed_requests", {})
     return [
         f"- TTFT ({r.get('config', {}).get('probe_max_tokens')}-token streams): idle p50 "
@@ -108,7 +109,10 @@ def _serving_lines(r: dict[str, Any]) -> list[str]:
         f"(n = {idle.get('n', 0)}); during the cycle p50 {_fmt(cyc.get('p50_s'), '.3f')} s, "
         f"p99 {_fmt(cyc.get('p99_s'), '.3f')} s (n = {cyc.get('n', 0)}, "
         f"{ttft.get('restarts', 0)} streams restarted by the swap): p99 ratio "
-        f"{_fmt(ttft.get('p99_ratio'), '.2f')}x (target ≤ 1.5x).",
+        f"{_fmt(ttft.get('p99_ratio'), '.2f')}x (target ≤ 1.5x). Beside the same users' "
+        f"traffic without a cycle: p50 {_fmt(traffic.get('p50_s'), '.3f')} s, p99 "
+        f"{_fmt(traffic.get('p99_s'), '.3f')} s (n = {traffic.get('n', 0)}); the cycle's p99 "
+        f"is {_fmt(ttft.get('p99_ratio_vs_traffic'), '.2f')}x that.",
         f"- Failed requests: {failed.get('total', 0)}"
         + (
             " (" + ", ".join(f"{k} {v}" for k, v in failed.get("by_phase", {}).items()) + ")"

@@ -17,16 +17,20 @@ def finish(result: dict[str, Any]) -> None:
     s = result.pop("_session", None)
     idle: Probes = result.pop("_idle", None) or Probes()
     load: Probes = result.pop("_cycle_probes", None) or Probes()
+    traffic: Probes = result.pop("_traffic", None) or Probes()
     answers: dict[str, list[str]] = result.pop("_answers", {})
     eval_p = result.pop("_eval_prompts", None)
     failures: Failures = s.failures if s is not None else Failures()
 
     idle_s, cycle_s = latency_summary(idle.ttfts()), latency_summary(load.ttfts())
+    traffic_s = latency_summary(traffic.ttfts())
     result["ttft"] = {
         "idle": idle_s,
+        "traffic": traffic_s,
         "cycle": cycle_s,
         "p50_ratio": ratio(cycle_s["p50_s"], idle_s["p50_s"]),
         "p99_ratio": ratio(cycle_s["p99_s"], idle_s["p99_s"]),
+        "p99_ratio_vs_traffic": ratio(cycle_s["p99_s"], traffic_s["p99_s"]),
         "restarts": load.restarts + idle.restarts,
         # Every probe of the cycle as [start (epoch s), TTFT s, version], to line the tail up
         # with the cycle record's step times (training or the swap).

@@ -167,6 +167,12 @@ async def _session(r: _Run, address: str) -> None:
         r.log(f"idle TTFT p99 {latency_summary(idle.ttfts())['p99_s']}")
 
         t = time.time()
+        traffic = result["_traffic"] = Probes()
+        await _traffic_ttft(s, traffic, train_p)
+        phases["traffic_ttft"] = time.time() - t
+        r.log(f"TTFT p99 beside the users' traffic {latency_summary(traffic.ttfts())['p99_s']}")
+
+        t = time.time()
         before, seen = await answers(s, eval_p, "eval_before")
         phases["eval_before"] = time.time() - t
         result["_answers"] = {"before": before}
@@ -184,6 +190,17 @@ async def _session(r: _Run, address: str) -> None:
         result["_eval_prompts"] = eval_p
     finally:
         await s.close()
+
+
+async def _traffic_ttft(s: Session, traffic: Probes, prompts: list[ConstraintPrompt]) -> None:
+    """Probes beside the users' requests, with no cycle: the cycle phase's traffic alone."""
+    stop = asyncio.Event()
+    users = asyncio.create_task(user_traffic(s, prompts, stop))
+    try:
+        await probe_loop(s, traffic, "traffic_probe", count=s.cfg.traffic_probes)
+    finally:
+        stop.set()
+        await asyncio.gather(users, return_exceptions=True)
 
 
 async def _rounds(r: _Run, s: Session, train_p: list[ConstraintPrompt], v1: str) -> None:

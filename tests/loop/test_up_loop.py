@@ -2,8 +2,9 @@
 completions for the whole of a cycle, and the other verbs finding the loop by themselves.
 
 No test-only memory setting: the serving KV cache is the plan's, the heavy steps check the
-recipe's memory needs and run at the lowest priority. Only the cycle's sizes are small (a few PPO
-steps), so that it fits the suite; the shipped recipe's whole run is benchmarks/online_learning/.
+recipe's memory needs, run at the lowest priority and pause while the streams are in flight.
+Only the cycle's sizes are small (a few PPO steps), so that it fits the suite; the shipped
+recipe's whole run is benchmarks/online_learning/.
 """
 
 from __future__ import annotations
@@ -205,6 +206,9 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
                 s = rec["steps"][step]
                 assert s["progress"]["step"] == s["progress"]["total"] > 0, s
                 assert s["summary"]["niceness"] == 19 and s["summary"]["oom_score_adj"] == 1000
+                # Serving first: the streams paused the step, and it finished all the same.
+                assert s["summary"]["pauses_for_serving"] > 0, s["summary"]
+                assert s["summary"]["paused_for_serving_s"] > 0, s["summary"]
             if rec["state"] == "promoted":
                 want = rec["candidate_version"]
                 sm_stub = model_pb2_grpc.ModelServiceStub(ch)

@@ -187,6 +187,11 @@ class LoopConfig:
     keeps its latency while a cycle trains, and training takes the cycles serving leaves
     idle. Lower it on a machine that only trains."""
 
+    yield_to_serving: bool = True
+    """Pause a heavy step while a server on this machine has requests in flight
+    (training/loop/yielding.py): serving's latency holds while a cycle trains. Turn it off on a
+    machine that only trains."""
+
     heartbeat_s: float = 5.0
     """Period of lock renewal and of the cancel check while a step runs."""
 
@@ -228,10 +233,22 @@ class LoopConfig:
             if raw is None or raw == "":
                 continue
             default = f.default
-            values[f.name] = type(default)(raw) if not isinstance(default, str) else raw
+            if isinstance(default, bool):
+                values[f.name] = _flag(f.name, raw)
+            else:
+                values[f.name] = type(default)(raw) if not isinstance(default, str) else raw
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes `from_env` rebuild this config in another process."""
         return {f"INSTRUCTLOOP_{f.name.upper()}": str(getattr(self, f.name)) for f in fields(self)}
+
+
+def _flag(name: str, raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"INSTRUCTLOOP_{name.upper()} must be true or false, got {raw!r}")

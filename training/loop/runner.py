@@ -79,6 +79,7 @@ def run_step(
     heartbeat_s: float,
     step_time_limit_s: float,
     step_niceness: int = STEP_NICENESS,
+    yield_to_serving: bool = True,
 ) -> StepRun:
     """Run one step of a cycle idempotently, fenced and cancellable (see module docstring).
 
@@ -114,6 +115,7 @@ def run_step(
                 heartbeat=hb,
                 step_time_limit_s=step_time_limit_s,
                 niceness=step_niceness,
+                yield_to_serving=yield_to_serving,
             )
             result = STEP_FUNCS[step](ctx)
             hb.check()

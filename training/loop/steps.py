@@ -44,6 +44,8 @@ class StepContext:
     step_time_limit_s: float
     niceness: int = STEP_NICENESS
     """CPU niceness of the heavy step's subprocess (LoopConfig.step_niceness)."""
+    yield_to_serving: bool = True
+    """Pause the heavy step while serving is busy (LoopConfig.yield_to_serving)."""
 
     def check(self) -> None:
         """Raise if the cycle was cancelled or its lock lost (call between pieces of work)."""
@@ -78,6 +80,7 @@ def _heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
         memory_need_gib=ctx.config.step_memory_need(ctx.step),
         check=ctx.check,
         publish=ctx.publish_progress,
+        yield_to_serving=ctx.yield_to_serving,
     )
     return run_heavy(run, func, **kwargs)
 

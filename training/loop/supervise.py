@@ -4,7 +4,8 @@ Why a subprocess: it can be stopped on cancel or time-out, its memory is returne
 and a crash in native code fails the step instead of the worker. The parent (`run_heavy`)
 starts `python -m instructloop.training.loop.supervise run-step IN OUT` (or the cycle's
 launcher, e.g. torchrun for several GPUs) in a process group of its own, watches it and copies
-its progress file to the step's record. The child (`main`) lowers its own priority, makes sure
+its progress file to the step's record. While serving on this machine has requests in flight
+the parent pauses the step (yielding.py). The child (`main`) lowers its own priority, makes sure
 it dies with its parent, calls the stage through `stages.py` and writes {"result"} or {"error"}.
 """
 
@@ -31,6 +32,7 @@ from instructloop.memory import available_gib
 from instructloop.training.loop import stages
 from instructloop.training.loop.config import STEP_NICENESS
 from instructloop.training.loop.store import CycleError
+from instructloop.training.loop.yielding import POLL_S, ServingFirst, reap_orphans
 from instructloop.training.progress import PROGRESS_FILE_ENV
 
 OOM_SCORE_ADJ = 1000
@@ -57,6 +59,8 @@ class HeavyRun:
     """Raises to stop the step (cancelled, lock or lease lost)."""
     publish: Callable[[dict[str, Any]], None]
     """Gets the step's progress whenever its progress file changes."""
+    yield_to_serving: bool = True
+    """Pause the step while a server on this machine has requests in flight (yielding.py)."""
 
 
 # --- the parent: start, watch, stop -------------------------------------------------------------
@@ -68,6 +72,7 @@ def run_heavy(run: HeavyRun, func: str, **kwargs: Any) -> dict[str, Any]:
     Stops it when `run.check` raises or the step time limit passes. Its output goes to
     `<dir>/step.log`; an error in it becomes this step's failure reason.
     """
+    reap_orphans(CHILD_MODULE)  # a dead supervisor's paused step still holds its memory
     check_memory(run.step, run.memory_need_gib)
     run.dir.mkdir(parents=True, exist_ok=True)
     in_path, out_path, log_path = (run.dir / n for n in ("input.json", "result.json", "step.log"))
@@ -90,25 +95,48 @@ def run_heavy(run: HeavyRun, func: str, **kwargs: Any) -> dict[str, Any]:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
+        yielder = ServingFirst(proc.pid) if run.yield_to_serving else None
         try:
-            seen = _watch(proc, run, progress_path)
+            seen = _watch(proc, run, progress_path, yielder)
         finally:
+            if yielder is not None:
+                yielder.release()  # a stopped process would not act on the SIGTERM
             _stop(proc)  # also reaps what it left behind in its group
     _publish_progress(run, progress_path, seen)  # its last word
-    return _read_result(func, proc, out_path, log_path)
+    result = _read_result(func, proc, out_path, log_path)
+    if yielder is not None and isinstance(result.get("metrics"), dict):
+        result["metrics"]["paused_for_serving_s"] = round(yielder.paused_s, 1)
+        result["metrics"]["pauses_for_serving"] = yielder.pauses
+    return result
 
 
-def _watch(proc: subprocess.Popen[bytes], run: HeavyRun, progress_path: Path) -> float:
-    """Wait for the subprocess to end while checking for cancellation and the time limit;
-    the progress file's last seen mtime."""
+WATCH_S = 0.5
+"""How often the supervisor checks for cancellation and copies the step's progress."""
+
+
+def _watch(
+    proc: subprocess.Popen[bytes],
+    run: HeavyRun,
+    progress_path: Path,
+    yielder: ServingFirst | None,
+) -> float:
+    """Wait for the subprocess to end while checking for cancellation and the time limit (on
+    the time it ran, pauses for serving left out), pausing it while serving is busy; the
+    progress file's last seen mtime."""
     start = time.monotonic()
-    seen = 0.0
+    seen, next_check = 0.0, 0.0
     while proc.poll() is None:
-        run.check()  # the caller's `finally` stops the subprocess
-        if time.monotonic() - start > run.time_limit_s:
-            raise CycleError(f"{run.step} ran past the step time limit")
-        seen = _publish_progress(run, progress_path, seen)
-        time.sleep(0.5)
+        now = time.monotonic()
+        if yielder is not None:
+            yielder.tick(now)
+        if now >= next_check:
+            next_check = now + WATCH_S
+            run.check()  # the caller's `finally` stops the subprocess
+            paused = yielder.paused_total_s(now) if yielder is not None else 0.0
+            if now - start - paused > run.time_limit_s:
+                raise CycleError(f"{run.step} ran past the step time limit")
+            seen = _publish_progress(run, progress_path, seen)
+        time.sleep(POLL_S if yielder is not None else WATCH_S)
     return seen
 
 
@@ -164,6 +192,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return False
 
     with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGCONT)  # a paused group must run to act on SIGTERM
         os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (proc.poll() is None or group_alive()):

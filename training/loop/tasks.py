@@ -52,6 +52,7 @@ def _run(step: str, cycle_id: str, token: int) -> dict[str, Any]:
             heartbeat_s=cfg.heartbeat_s,
             step_time_limit_s=cfg.step_time_limit_s,
             step_niceness=cfg.step_niceness,
+            yield_to_serving=cfg.yield_to_serving,
         )
     if res.status == "stopped":
         raise Ignore(res.detail)

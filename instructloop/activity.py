@@ -1,0 +1,96 @@
+"""What the serving replicas on this machine are doing, for training to yield to.
+
+On one machine serving and training share the cores, and a lower CPU priority is not enough to
+keep serving's latency: a training step at nice 19 still fills the second hyperthread of a core,
+the memory bus and the caches that a request's prefill needs. So a training step is paused
+outright while any replica on the machine has a request in flight (training/loop/supervise.py
+stops and continues its process group), and goes on in the gaps.
+
+Each replica engine keeps one small file in `<data dir>/activity/` (named by its pid): the number of
+requests in flight and the monotonic time of the last change, written in place through a shared
+mapping on every change (no system call, no Redis round trip on the request path). A reader
+looks at every file whose replica is still alive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import mmap
+import os
+import struct
+import time
+from pathlib import Path
+
+from instructloop.paths import data_dir
+
+_LAYOUT = struct.Struct("<qd")  # requests in flight, CLOCK_MONOTONIC seconds of the last change
+_SUFFIX = ".serving"
+_SERIAL = itertools.count()  # one process may run several engines (tests, shared engines)
+
+
+def activity_dir() -> Path:
+    """Where the replicas of this data directory report (the worker of `up` reads the same)."""
+    return data_dir() / "activity"
+
+
+class ServingActivity:
+    """One replica's report: call `set(n)` whenever its number of requests in flight changes."""
+
+    def __init__(self, directory: Path | None = None) -> None:
+        self.directory = directory or activity_dir()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / f"{os.getpid()}-{next(_SERIAL)}{_SUFFIX}"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, _LAYOUT.size)
+            self._map: mmap.mmap | None = mmap.mmap(fd, _LAYOUT.size)
+        finally:
+            os.close(fd)
+        self.set(0)
+
+    def set(self, in_flight: int) -> None:
+        if self._map is not None:
+            _LAYOUT.pack_into(self._map, 0, in_flight, time.monotonic())
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serving_busy(directory: Path | None = None, holdoff_s: float = 0.0) -> bool:
+    """True while a live replica has a request in flight, or had one less than `holdoff_s`
+    ago (a client streaming requests back to back leaves gaps too short to train in)."""
+    directory = directory or activity_dir()
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return False
+    now = time.monotonic()
+    for path in entries:
+        pid = path.stem.partition("-")[0]
+        if path.suffix != _SUFFIX or not pid.isdigit() or not _alive(int(pid)):
+            continue
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            continue
+        if len(raw) != _LAYOUT.size:
+            continue
+        in_flight, changed_at = _LAYOUT.unpack(raw)
+        if in_flight > 0 or now - changed_at < holdoff_s:
+            return True
+    return False
