@@ -116,6 +116,7 @@ async def wait_serving(port: int, version: str, timeout: float = 600) -> float:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
     from instructloop.paths import default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
@@ -164,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cycle_id = done.stdout.strip().splitlines()[0]
         import redis as redis_lib
 
-        rec = CycleStore(redis_lib.Redis.from_url(redis.url), "il:").get(cycle_id)
+        rec = CycleStore(redis_lib.Redis.from_url(redis.url), DEFAULT_KEY_PREFIX).get(cycle_id)
         assert rec is not None
         live = registry.live()
         swap_s = None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from instructloop.errors import ConfigError
-from instructloop.feedback.keys import DEFAULT_REDIS_URL
+from instructloop.feedback.keys import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL
 from instructloop.memory import MemoryPlanError, serving_kv_cache_gib
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
@@ -54,7 +54,7 @@ class ServerConfig:
     # --- Redis -------------------------------------------------------------------------------
     redis_url: str = DEFAULT_REDIS_URL
     """Completion log, feedback and model registry. Env REDIS_URL."""
-    key_prefix: str = "il:"
+    key_prefix: str = DEFAULT_KEY_PREFIX
     """Prefix of every Redis key (registry and store share it)."""
     feedback_rate_limit_per_minute: int | None = None
     """Per-user feedback submissions per minute; None keeps the store's default, 0 disables."""
