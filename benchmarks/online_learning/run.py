@@ -90,7 +90,7 @@ def run(cfg: OnlineLearningConfig) -> dict[str, Any]:
     except BaseException as e:
         result["error"] = f"{type(e).__name__}: {e}"
         r.log(f"stopped: {result['error']}")
-        if not isinstance(e, Exception):
+        if not isinstance(e, Exception | KeyboardInterrupt):  # Ctrl-C still writes the results
             raise
     finally:
         _stop(r, since_boot)
