@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from instructloop.paths import data_dir
+from instructloop.processes import pid_alive
 
 _LAYOUT = struct.Struct("<qd")  # requests in flight, CLOCK_MONOTONIC seconds of the last change
 _SUFFIX = ".serving"
@@ -61,16 +62,6 @@ class ServingActivity:
             self.path.unlink()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def serving_busy(directory: Path | None = None, holdoff_s: float = 0.0) -> bool:
     """True while a live replica has a request in flight, or had one less than `holdoff_s`
     ago (a client streaming requests back to back leaves gaps too short to train in)."""
@@ -82,7 +73,7 @@ def serving_busy(directory: Path | None = None, holdoff_s: float = 0.0) -> bool:
     now = time.monotonic()
     for path in entries:
         pid = path.stem.partition("-")[0]
-        if path.suffix != _SUFFIX or not pid.isdigit() or not _alive(int(pid)):
+        if path.suffix != _SUFFIX or not pid.isdigit() or not pid_alive(int(pid)):
             continue
         try:
             raw = path.read_bytes()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from instructloop.feedback.keys import DEFAULT_REDIS_URL
 from instructloop.paths import data_dir
+from instructloop.processes import pid_alive
 
 RECORD_NAME = "up.json"
 
@@ -43,16 +44,6 @@ class RunningLoop:
 
 def record_path(directory: Path | None = None) -> Path:
     return (directory or data_dir()) / RECORD_NAME
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process: it exists
-    return True
 
 
 def write_running(loop: RunningLoop, directory: Path | None = None) -> Path:
@@ -81,7 +72,7 @@ def read_running(directory: Path | None = None, *, check_alive: bool = True) -> 
         loop = RunningLoop(**raw)
     except (OSError, ValueError, TypeError):
         return None
-    if check_alive and not _alive(loop.pid):
+    if check_alive and not pid_alive(loop.pid):
         return None
     return loop
 

@@ -146,7 +146,7 @@ def _cycle_run(args: argparse.Namespace) -> int:
 
 
 def _cycle_cancel(args: argparse.Namespace) -> int:
-    from instructloop.training.loop.store import redis_client
+    from instructloop.training.loop.store import TERMINAL, redis_client
     from instructloop.training.loop.triggers import cancel_cycle
 
     try:
@@ -168,7 +168,7 @@ def _cycle_cancel(args: argparse.Namespace) -> int:
         except KeyError:
             return err(f"no cycle {cycle_id}")
         print(f"cycle {cycle_id}: {state}", flush=True)
-        if args.wait and state not in ("cancelled", "promoted", "rejected", "failed"):
+        if args.wait and state not in TERMINAL:
             code = _wait(store, cycle_id, args.timeout)
             rec = store.get(cycle_id)
             return EXIT_OK if rec and rec.state == "cancelled" else code

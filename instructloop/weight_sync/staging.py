@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from instructloop.processes import pid_alive
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,21 +48,11 @@ def staged(tensors: Mapping[str, torch.Tensor], root: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
 def remove_orphaned_staging(staging: Path) -> None:
     """Delete staging left by processes that died mid-load (SIGKILL skips `finally`): in
     RAM-backed /dev/shm each would hold a whole model's weights until reboot."""
     for d in staging.glob(f"{STAGING_PREFIX}*"):
         pid = d.name[len(STAGING_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             log.info("removing staging %s left by dead process %s", d, pid)
             shutil.rmtree(d, ignore_errors=True)

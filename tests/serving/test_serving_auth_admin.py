@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import urllib.request
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from instructloop.registry import ModelRegistry
 from instructloop.v1 import completion_pb2, feedback_pb2, model_pb2
+from tests.support.metrics import metric_value
 from tests.support.redis_state import redis_state
 from tests.support.rpc import chat, rpc_error, stubs
 from tests.support.server import Served
@@ -153,16 +153,7 @@ def _scrape(url: str) -> str:
 
 def _value(text: str, name: str, **labels: str) -> float:
     """The sample `name{labels...}`; 0 if absent."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return 0.0
+    return metric_value(text, name, **labels) or 0.0
 
 
 async def test_metrics_endpoint(served: Served, channel: grpc.aio.Channel) -> None:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from instructloop.activity import activity_dir, serving_busy
+from instructloop.processes import pid_alive
 
 POLL_S = 0.02
 """How often the supervisor looks at serving's activity: a request's prefill waits at most this
@@ -108,16 +109,6 @@ class ServingFirst:
         self._record.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap_orphans(child_module: str) -> list[int]:
     """Kill the paused step groups whose supervisor died; the groups killed.
 
@@ -134,7 +125,7 @@ def reap_orphans(child_module: str) -> list[int]:
             pgid, supervisor = int(rec.name), int(rec.read_text() or 0)
         except (OSError, ValueError):
             continue
-        if supervisor and _alive(supervisor):
+        if supervisor and pid_alive(supervisor):
             continue
         try:
             cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().replace(b"\0", b" ")
