@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -79,6 +80,31 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         return os.cpu_count() or 1
+
+
+def parse_cpu_list(spec: str) -> frozenset[int] | None:
+    """The cores a VLLM_CPU_OMP_THREADS_BIND value names ("0-3", "1,5", "0-3|4-7" for several
+    ranks); None for the words that leave the choice to vLLM ("auto", "all", "nobind") or for
+    what is not a core list."""
+    cores: set[int] = set()
+    for part in re.split(r"[|,]", spec.strip()):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdigit() or (dash and not hi.isdigit()):
+            return None
+        cores.update(range(int(lo), int(hi if dash else lo) + 1))
+    return frozenset(cores) or None
+
+
+def engine_cores(bind: str | None) -> frozenset[int]:
+    """The cores a CPU engine computes on: those its OpenMP binding names, else (vLLM's own
+    choice, made inside this process's affinity) every core this process may use."""
+    named = parse_cpu_list(bind) if bind else None
+    if named is not None:
+        return named
+    try:
+        return frozenset(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return frozenset(range(os.cpu_count() or 1))
 
 
 def engine_reserved_cores(

@@ -51,6 +51,7 @@ from typing import Any
 
 from instructloop import weight_sync as ws
 from instructloop.activity import ServingActivity
+from instructloop.hardware import engine_cores
 from instructloop.serving.admission import Admission
 from instructloop.serving.config import ServerConfig
 from instructloop.serving.engine_setup import (
@@ -127,7 +128,7 @@ class Engine:
             self._llm = await asyncio.to_thread(build_llm, self.model, self.config, self.stats)
         self.started_at = self.serving_since = time.time()
         if self._activity is None:
-            self._activity = ServingActivity()
+            self._activity = ServingActivity(cores=engine_cores(self.config.cpu_omp_threads_bind))
         progress(f"engine: ready in {time.monotonic() - t0:.0f} s")
         return self
 

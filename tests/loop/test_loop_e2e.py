@@ -37,7 +37,7 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
-from tests.support.loop import REPO, cycle_story, loop_env
+from tests.support.loop import REPO, cli, cycle_story, loop_env
 from tests.support.metrics import metric_value
 from tests.support.models import ANSWER_SET, build_tiny_answerer
 from tests.support.server import Served, running_server
@@ -242,6 +242,12 @@ async def test_feedback_improves_the_served_policy_under_load(
             assert sm.model.version == sm.live_version == live.version
             assert metric_value(worker.metrics(), "instructloop_cycles_total",
                                 outcome="promoted") == 1.0  # fmt: skip
+            if int(SERVING_CPU) not in TRAINING_CPUS:
+                # Serving first yields only to replicas on the step's own cores: pinned apart,
+                # the load never paused training.
+                rec = json.loads(cli("cycle", "status", "--json", env=loop_env(redis_url)).stdout)
+                for step in ("reward_model", "ppo"):
+                    assert rec["steps"][step]["summary"]["pauses_for_serving"] == 0, rec["steps"]
 
             # 4. the new version against the old, on held-out prompts, by the users' preference
             after = await sample(s, ch, HELD_OUT, seed=10_000)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from instructloop.activity import ServingActivity, serving_busy
+from instructloop.hardware import engine_cores
 from instructloop.serving.admission import Admission
 from instructloop.training.loop.config import LoopConfig
 from instructloop.training.loop.yielding import ServingFirst, paused_dir, reap_orphans
@@ -69,6 +70,30 @@ def test_a_replica_reports_its_requests_in_flight(tmp_path: Path) -> None:
     activity.close()  # a replica that stops takes its report with it
     assert not serving_busy(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_only_replicas_on_the_steps_cores_count(tmp_path: Path) -> None:
+    """Serving and training pinned to different cores do not compete: nothing to yield."""
+    activity = ServingActivity(tmp_path, cores={1})
+    activity.set(1)
+    assert serving_busy(tmp_path)  # any replica, for a reader that names no cores
+    assert serving_busy(tmp_path, cores={0, 1})
+    assert not serving_busy(tmp_path, cores={0})
+    assert not serving_busy(tmp_path, cores={2, 1000})
+    far = ServingActivity(tmp_path, cores={1000})
+    far.set(1)
+    assert serving_busy(tmp_path, cores={1000})
+    activity.close()
+    far.close()
+
+
+def test_engine_cores_read_the_omp_binding() -> None:
+    mine = frozenset(os.sched_getaffinity(0))
+    assert engine_cores("0-3") == {0, 1, 2, 3}
+    assert engine_cores("1,5") == {1, 5}
+    assert engine_cores("0-1|4-5") == {0, 1, 4, 5}
+    for vllms_choice in (None, "", "auto", "all", "nobind", "3-"):
+        assert engine_cores(vllms_choice) == mine
 
 
 def test_a_dead_replicas_report_is_ignored(tmp_path: Path) -> None:

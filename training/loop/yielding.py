@@ -3,9 +3,9 @@
 A lower CPU priority alone does not hold serving's latency on a small machine: the step still
 runs on the other hyperthread of the core, on the memory bus and in the caches that a request's
 prefill needs. So the step's supervisor (supervise.py) stops the step's whole process group
-(SIGSTOP: the stage and the vLLM engine it started) as soon as any replica reports a request in
-flight (instructloop/activity.py), and continues it (SIGCONT) once serving has been quiet for
-`HOLDOFF_S`. Training takes the gaps.
+(SIGSTOP: the stage and the vLLM engine it started) as soon as a replica computing on one of the
+step's cores reports a request in flight (instructloop/activity.py), and continues it (SIGCONT)
+once serving has been quiet for `HOLDOFF_S`. Training takes the gaps.
 
 Two bounds keep training alive under traffic that never stops: after `MAX_PAUSE_S` paused in a
 row the step runs for `MIN_RUN_S` whatever serving does, so it keeps some share of the machine
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from instructloop.activity import activity_dir, serving_busy
+from instructloop.hardware import engine_cores
 from instructloop.processes import pid_alive
 
 POLL_S = 0.02
@@ -57,7 +58,9 @@ class ServingFirst:
         min_run_s: float = MIN_RUN_S,
     ) -> None:
         self.pgid = pgid
-        self._busy = busy or (lambda: serving_busy(holdoff_s=holdoff_s))
+        # The step inherits its supervisor's affinity: only replicas on those cores compete.
+        cores = engine_cores(None)
+        self._busy = busy or (lambda: serving_busy(holdoff_s=holdoff_s, cores=cores))
         self.max_pause_s, self.min_run_s = max_pause_s, min_run_s
         self.paused = False
         self.pauses = 0
