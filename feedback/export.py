@@ -39,6 +39,7 @@ import redis
 from instructloop.feedback.config import StoreConfig
 from instructloop.feedback.errors import ExportError, StoreUnavailable
 from instructloop.feedback.keys import Keys
+from instructloop.feedback.poisoning import SourceCaps
 from instructloop.feedback.snapshot_files import (
     ExportManifest,
     SnapshotWriter,
@@ -150,12 +151,14 @@ def export_snapshot(
     *,
     config: StoreConfig | None = None,
     since_snapshot: str | None = None,
+    caps: SourceCaps | None = None,
 ) -> ExportManifest:
     """Write a consistent snapshot of the feedback (after `since_snapshot`) into `out_dir`.
 
     `out_dir` must not exist or be empty; it appears complete or not at all (temporary
     directory, then rename). The snapshot is recorded in Redis so that a later export can
-    continue from it (`since_snapshot=<its id>`).
+    continue from it (`since_snapshot=<its id>`). `caps`: each source's share of the rankings
+    and comparisons (feedback/poisoning.py; default SourceCaps()).
     """
     cfg = config or StoreConfig()
     keys = Keys(cfg.key_prefix)
@@ -172,7 +175,7 @@ def export_snapshot(
         fb_lower, cmpl_lower = resolve_since(r, keys, since_snapshot)
         tmp.mkdir()
         bounds = StreamBounds(fb_lower, fb_upper, cmpl_lower, cmpl_upper)
-        manifest = SnapshotWriter(r, keys, tmp).write(bounds, _xrange_after)
+        manifest = SnapshotWriter(r, keys, tmp, caps).write(bounds, _xrange_after)
         manifest.since_snapshot = since_snapshot
         manifest.key_prefix = cfg.key_prefix
         (tmp / "manifest.json").write_text(manifest.to_json() + "\n", encoding="utf-8")
@@ -180,7 +183,9 @@ def export_snapshot(
             out_dir.rmdir()  # empty (checked above)
         os.rename(tmp, out_dir)
         summary = {
-            k: v for k, v in asdict(manifest).items() if k not in ("feedback_ids", "skipped")
+            k: v
+            for k, v in asdict(manifest).items()
+            if k not in ("feedback_ids", "skipped", "sources")
         }
         summary["out_dir"] = str(out_dir)
         r.hset(keys.snapshots, manifest.snapshot_id, json.dumps(summary))

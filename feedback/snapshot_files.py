@@ -3,6 +3,9 @@
 `SnapshotWriter.write` reads the logs' entries between the bounds the export fixed, in batches
 (bounded memory), and writes the data sets export.py's docstring describes; it returns their
 manifest. Each file is counted and hashed as it is written.
+
+A first, light pass reads who gave each ranking and comparison, so that no source supplies more
+than its cap of the preference data (feedback/poisoning.py); the second pass writes the files.
 """
 
 from __future__ import annotations
@@ -20,8 +23,16 @@ from typing import Any, TextIO
 import redis
 
 from instructloop.feedback.keys import Keys
+from instructloop.feedback.poisoning import (
+    MajorityAgreement,
+    SourceCaps,
+    SourceLimiter,
+    user_key,
+)
 from instructloop.feedback.records import CompletionRecord, FeedbackRecord
 
+PREFERENCE_KINDS = ("ranking", "comparison")
+"""The kinds that become the reward model's training pairs (and so are capped per source)."""
 FILES = ("rankings.jsonl", "preferences.jsonl", "sft.jsonl", "ptx.jsonl", "prompts.jsonl")
 BATCH = 500
 """Log entries read (and records fetched in one pipeline) at a time."""
@@ -56,11 +67,16 @@ class ExportManifest:
     feedback_ids: list[str]
     """Exactly the feedback this export holds, in log order."""
     skipped: dict[str, list[str]]
-    """Feedback in range but not exported: "completion_expired", "feedback_expired"."""
+    """Feedback in range but not exported: "completion_expired", "feedback_expired",
+    "source_cap" (over its user's or principal's share, feedback/poisoning.py)."""
     counts: dict[str, int]
     """feedback (included), per kind, skipped, tied_pairs_omitted (from preferences.jsonl)."""
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
     """File name -> {"rows": n, "sha256": hex}."""
+    sources: dict[str, Any] = field(default_factory=dict)
+    """Who supplied the preference data: "caps" (the allowance per user and per principal,
+    None where nobody was cut) and "users" (user -> kept, dropped, pairs judged against other
+    users and agreement with their majority)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, ensure_ascii=False)
@@ -113,12 +129,21 @@ def _user_text(c: CompletionRecord) -> str:
 class SnapshotWriter:
     """Writes one snapshot's files into `out`; `write` returns its manifest."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, out: Path) -> None:
+    def __init__(
+        self, r: redis.Redis, keys: Keys, out: Path, caps: SourceCaps | None = None
+    ) -> None:
         self.r, self.keys = r, keys
+        self.caps = caps or SourceCaps()
+        self.limiter = SourceLimiter(None, None)
+        self.agreement = MajorityAgreement()
         self.files = {name: _Writer(out / name) for name in FILES}
         self.completions: dict[str, CompletionRecord | None] = {}
         self.included: list[str] = []
-        self.skipped: dict[str, list[str]] = {"completion_expired": [], "feedback_expired": []}
+        self.skipped: dict[str, list[str]] = {
+            "completion_expired": [],
+            "feedback_expired": [],
+            "source_cap": [],
+        }
         self.counts = {"comparison": 0, "ranking": 0, "rating": 0, "tied_pairs_omitted": 0}
         self._sft_seen: set[str] = set()
         self._ptx_seen: set[str] = set()
@@ -128,6 +153,8 @@ class SnapshotWriter:
         created = time.time()
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(created))
         snapshot_id = f"snap-{stamp}-" + uuid.uuid4().hex[:8]
+        sources = self._preference_sources(bounds, entries_after)
+        self.limiter = SourceLimiter.plan(sources, self.caps)
         log = entries_after(
             self.r, self.keys.feedback_log, bounds.feedback_lower, bounds.feedback_upper
         )
@@ -156,7 +183,38 @@ class SnapshotWriter:
             skipped=self.skipped,
             counts=self.counts,
             files=files,
+            sources=self._sources_report(),
         )
+
+    def _preference_sources(
+        self, bounds: StreamBounds, entries_after: EntriesAfter
+    ) -> list[tuple[str, str]]:
+        """(principal, user) of every ranking and comparison in range, in log order."""
+        log = entries_after(
+            self.r, self.keys.feedback_log, bounds.feedback_lower, bounds.feedback_upper
+        )
+        sources: list[tuple[str, str]] = []
+        for batch in _batched(e for _, e in log if e.get("kind") in PREFERENCE_KINDS):
+            pipe = self.r.pipeline(transaction=False)
+            for entry in batch:
+                pipe.hmget(self.keys.feedback(entry["feedback_id"]), ["principal", "user_id"])
+            for principal, user in pipe.execute():
+                if user is not None:  # an expired record is skipped in the writing pass
+                    sources.append((_text(principal), _text(user)))
+        return sources
+
+    def _sources_report(self) -> dict[str, Any]:
+        lim = self.limiter
+        agreement = self.agreement.per_user()
+        users = {
+            u: {
+                "kept": lim.kept_users[u],
+                "dropped": lim.dropped_users[u],
+                **agreement.get(u, {"judged": 0, "agreement": None}),
+            }
+            for u in sorted(set(lim.kept_users) | set(lim.dropped_users))
+        }
+        return {"caps": {"user": lim.user_cap, "principal": lim.principal_cap}, "users": users}
 
     def _load_completions(self, cids: set[str]) -> None:
         todo = [c for c in cids if c not in self.completions]
@@ -182,6 +240,10 @@ class SnapshotWriter:
             if c is None:
                 self.skipped["completion_expired"].append(fid)
                 continue
+            principal = getattr(fb, "principal", "") or ""
+            if fb.kind in PREFERENCE_KINDS and not self.limiter.admit(principal, fb.user_id):
+                self.skipped["source_cap"].append(fid)
+                continue
             self.included.append(fid)
             self.counts[fb.kind] += 1
             self._ptx(c)
@@ -202,6 +264,8 @@ class SnapshotWriter:
 
     def _ranking(self, fb: FeedbackRecord, c: CompletionRecord) -> None:
         order, ranks = fb.ordering()
+        user = user_key(getattr(fb, "principal", "") or "", fb.user_id)
+        self.agreement.add(c.completion_id, user, order, ranks)
         responses = [c.response(rid) for rid in order]
         self.files["rankings.jsonl"].write(
             {
@@ -272,6 +336,10 @@ class SnapshotWriter:
                 }
             )
         self.completions.clear()  # bounded memory: prompts are read once
+
+
+def _text(v: bytes | str | None) -> str:
+    return v.decode() if isinstance(v, bytes) else (v or "")
 
 
 def _batched(items: Iterator[Any]) -> Iterator[list[Any]]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from instructloop.cli.options import err
 from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
+from instructloop.feedback.poisoning import SourceCaps
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -17,13 +18,15 @@ def _export(args: argparse.Namespace) -> int:
 
     redis_url, _ = resolve_redis_url(args.redis_url)
     try:
+        caps = SourceCaps(args.max_user_share, args.max_principal_share)
         m = export_snapshot(
             redis_url,
             args.out,
             config=StoreConfig(key_prefix=args.prefix),
             since_snapshot=args.since,
+            caps=caps,
         )
-    except FeedbackError as e:
+    except (FeedbackError, ValueError) as e:
         return err(str(e))
     c = m.counts
     print(f"snapshot {m.snapshot_id} -> {args.out}")
@@ -33,7 +36,10 @@ def _export(args: argparse.Namespace) -> int:
     )
     if c["skipped"]:
         expired = {k: len(v) for k, v in m.skipped.items() if v}
-        print(f"  skipped {c['skipped']} (record expired: {expired})")
+        print(f"  skipped {c['skipped']} ({expired})")
+    capped = {u: s["dropped"] for u, s in m.sources["users"].items() if s["dropped"]}
+    if capped:
+        print(f"  over their share (cap {m.sources['caps']}): {capped}")
     for name, f in m.files.items():
         print(f"  {name:<18} {f['rows']:>8} rows")
     if c["tied_pairs_omitted"]:
@@ -67,6 +73,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="SNAPSHOT",
         help="only feedback after this earlier snapshot (its id, its directory, or a "
         "feedback-log stream id)",
+    )
+    ex.add_argument(
+        "--max-user-share",
+        type=float,
+        default=SourceCaps.max_user_share,
+        metavar="F",
+        help="most of the rankings + comparisons one user may supply; a flood beyond it is "
+        "dropped (default: %(default)s; applies once at least 1/F users gave some)",
+    )
+    ex.add_argument(
+        "--max-principal-share",
+        type=float,
+        default=SourceCaps.max_principal_share,
+        metavar="F",
+        help="most one API key's principal may supply (default: %(default)s, no cap)",
     )
     ex.add_argument(
         "--prefix", default=DEFAULT_KEY_PREFIX, help="Redis key prefix (default: %(default)s)"

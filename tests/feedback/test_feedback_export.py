@@ -76,7 +76,7 @@ async def test_export_by_hand(store: FeedbackStore, redis_url: str, tmp_path: Pa
     m = export_snapshot(redis_url, out)
 
     assert m.feedback_ids == [a.feedback_id for a in acks]
-    assert m.skipped == {"completion_expired": [], "feedback_expired": []}
+    assert m.skipped == {"completion_expired": [], "feedback_expired": [], "source_cap": []}
     assert m.counts == {
         "comparison": 2, "ranking": 1, "rating": 4, "tied_pairs_omitted": 2, "feedback": 7,
         "skipped": 0,
@@ -205,7 +205,7 @@ async def test_expired_records_are_skipped_and_listed(
     redis_client.delete(f"il:fb:{c}")
     m = export_snapshot(redis_url, tmp_path / "x")
     assert m.feedback_ids == [a]
-    assert m.skipped == {"completion_expired": [b], "feedback_expired": [c]}
+    assert m.skipped == {"completion_expired": [b], "feedback_expired": [c], "source_cap": []}
     assert m.counts["skipped"] == 2
     assert read_jsonl(tmp_path / "x" / "rankings.jsonl") == []
 

@@ -69,6 +69,8 @@ def test_configs_refuse_bad_values() -> None:
         CycleConfig.from_dict({"gate_min_winrate": 0.5})
     with pytest.raises(ValueError, match="must be in"):
         CycleConfig.from_dict({"gate_min_win_rate_rm": 1.5})
+    with pytest.raises(ValueError, match="max_user_share"):
+        CycleConfig.from_dict({"snapshot_max_user_share": 0})
     with pytest.raises(ValueError, match="must exceed"):
         LoopConfig(step_time_limit_s=100, visibility_timeout_s=100)
     cfg = LoopConfig.from_env({"REDIS_URL": "redis://h:1/2", "INSTRUCTLOOP_HEARTBEAT_S": "2.5"})
@@ -226,6 +228,9 @@ def test_snapshot_step_is_idempotent(
     assert out is not None
     assert out["parent_version"] == live_v1
     assert out["feedback_ids"] == 3 and out["feedback_count"] == 3
+    # who supplied the preferences, for the poisoning limits (feedback/poisoning.py)
+    users = out["sources"]["users"]
+    assert out["sources"]["dropped"] == 0 and sum(u["kept"] for u in users.values()) == 3
     manifest = json.loads((Path(out["dir"]) / "manifest.json").read_text())
     assert manifest["feedback_ids"] == fb
     seed_feedback(redis_url, n=2)  # later feedback does not change a finished snapshot

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from instructloop.feedback.keys import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL
+from instructloop.feedback.poisoning import SourceCaps
 from instructloop.paths import data_dir
 from instructloop.training.recipes import DEFAULT_RECIPE, recipe
 
@@ -48,6 +49,15 @@ class CycleConfig:
     min_feedback: int = 1
     """A snapshot with fewer rankings + comparisons than this fails the cycle ("not enough
     feedback"): a reward model needs preference data."""
+
+    snapshot_max_user_share: float = SourceCaps.max_user_share
+    """Most of a snapshot's rankings + comparisons one user may supply; the rest of a flood is
+    dropped and reported (feedback/poisoning.py: a few percent of poisoned preferences steer a
+    reward model)."""
+
+    snapshot_max_principal_share: float = SourceCaps.max_principal_share
+    """Most one API key's principal may supply (1.0: no cap; one app key usually carries all
+    of its users)."""
 
     initial_reward_model: str | None = None
     """Warm start of the first reward model (no earlier one recorded); None: the policy serving
@@ -111,6 +121,7 @@ class CycleConfig:
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be an object of config overrides")
         recipe(self.recipe)  # an unknown name fails here, before any step runs
+        self.source_caps()  # shares out of (0, 1] fail here too
         bad = sorted(set(self.step_memory_gib) - HEAVY_STEPS)
         if bad:
             raise ValueError(f"step_memory_gib: not heavy steps: {', '.join(bad)}")
@@ -120,6 +131,10 @@ class CycleConfig:
             isinstance(a, str) for a in self.launcher
         ):
             raise ValueError("launcher must be a list of strings")
+
+    def source_caps(self) -> SourceCaps:
+        """The snapshot's caps on one source's share of the preference data."""
+        return SourceCaps(self.snapshot_max_user_share, self.snapshot_max_principal_share)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

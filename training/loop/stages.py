@@ -22,6 +22,7 @@ from typing import Any
 
 from instructloop.feedback.config import StoreConfig
 from instructloop.feedback.export import export_snapshot as _export
+from instructloop.feedback.poisoning import SourceCaps
 from instructloop.registry import ModelRegistry, UnknownVersion
 from instructloop.training.checkpoint import CheckpointError, read_checkpoint
 from instructloop.training.config import PPOConfig, RewardModelConfig, config_from_dict
@@ -119,14 +120,18 @@ def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "r
 # --- feedback -----------------------------------------------------------------------------------
 
 
-def export_snapshot(redis_url: str, prefix: str, out_dir: str | Path) -> dict[str, Any]:
-    """A consistent export of all feedback so far (feedback/export.py)."""
-    m = _export(redis_url, Path(out_dir), config=StoreConfig(key_prefix=prefix))
+def export_snapshot(
+    redis_url: str, prefix: str, out_dir: str | Path, caps: SourceCaps | None = None
+) -> dict[str, Any]:
+    """A consistent export of all feedback so far (feedback/export.py), each source held to
+    its share of the preference data (feedback/poisoning.py)."""
+    m = _export(redis_url, Path(out_dir), config=StoreConfig(key_prefix=prefix), caps=caps)
     return {
         "snapshot_id": m.snapshot_id,
         "feedback_ids": list(m.feedback_ids),
         "counts": dict(m.counts),
         "files": dict(m.files),
+        "sources": m.sources,
     }
 
 

@@ -85,6 +85,24 @@ def _heavy(ctx: StepContext, func: str, **kwargs: Any) -> dict[str, Any]:
     return run_heavy(run, func, **kwargs)
 
 
+RECORDED_USERS = 100
+"""Users listed by name in a cycle record (most data first); the manifest has them all."""
+
+
+def _sources_for_record(sources: dict[str, Any]) -> dict[str, Any]:
+    """Who supplied the snapshot's preferences, for the cycle record: the caps, what they
+    dropped, and per user (the largest first) kept and dropped counts and agreement with the
+    majority of the other users."""
+    users = sources["users"]
+    top = sorted(users, key=lambda u: -(users[u]["kept"] + users[u]["dropped"]))
+    return {
+        "caps": sources["caps"],
+        "users_total": len(users),
+        "dropped": sum(u["dropped"] for u in users.values()),
+        "users": {u: users[u] for u in top[:RECORDED_USERS]},
+    }
+
+
 def step_snapshot(ctx: StepContext) -> StepResult:
     """1. A consistent export of the feedback, recording the feedback ids it holds; and the
     version serving now, which this cycle trains from and compares against."""
@@ -92,7 +110,9 @@ def step_snapshot(ctx: StepContext) -> StepResult:
     if live is None:
         raise CycleError("no live model in the registry: register and promote one first")
     baseline = ctx.store.feedback_count()  # read before the export: never overcounts
-    manifest = stages.export_snapshot(ctx.redis_url, ctx.prefix, ctx.dir / "export")
+    manifest = stages.export_snapshot(
+        ctx.redis_url, ctx.prefix, ctx.dir / "export", ctx.config.source_caps()
+    )
     n = sum(int(manifest["counts"].get(k, 0)) for k in RANKING_KINDS)
     if n < ctx.config.min_feedback:
         raise CycleError(
@@ -104,11 +124,14 @@ def step_snapshot(ctx: StepContext) -> StepResult:
         "snapshot_id": manifest["snapshot_id"],
         "feedback_ids": len(manifest["feedback_ids"]),
         "counts": manifest["counts"],
+        "sources": _sources_for_record(manifest["sources"]),
         "feedback_count": baseline,
         "parent_version": live["version"],
         "parent_path": live["path"],
     }
-    return StepResult(out, summary={"feedback": n, "parent": live["version"]})
+    summary = {"feedback": n, "parent": live["version"]}
+    summary["dropped_by_source_cap"] = out["sources"]["dropped"]
+    return StepResult(out, summary=summary)
 
 
 def step_reward_model(ctx: StepContext) -> StepResult:
