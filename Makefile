@@ -24,9 +24,8 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-protos: install     ## regenerate the Python stubs from protos/ (committed)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/instructloop/v1/*.proto
+protos: install     ## regenerate the Python stubs from protos/ into the client (committed)
+	$(PY) scripts/gen_protos.py
 
 bench-deps: install ## what only the benchmarks compare against: TRL 1.12.0 (the last with PPOTrainer)
 	$(PY) -m pip install -q --no-deps "trl==1.12.0"

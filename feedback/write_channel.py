@@ -8,6 +8,11 @@ coroutines) would be paid on nearly every call. This channel does the same work 
 CPU per batch (benchmarks/HISTORY.md, `feedback` with the write channel). Reads and everything
 else go through redis-py.
 
+The channel opens its connection itself, from the settings of the store's redis-py pool: TCP,
+unix sockets and TLS (rediss://, with the SSL context redis-py builds for the same URL). A pool
+it cannot copy (a connection class of the caller's own, a credential provider whose tokens
+change) gets `PipelineChannel`: the same batches and semantics, sent as redis-py pipelines.
+
 Semantics (those of a redis-py pipeline):
 - calls that arrive while `in_flight` batches are outstanding form the next batch (group
   commit: one socket write, one read, and one fsync under `appendfsync always`);
@@ -22,19 +27,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import hiredis
-from redis.backoff import ExponentialBackoff
+import redis
+import redis.asyncio as aioredis
+from redis.backoff import AbstractBackoff, ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Command = tuple[Any, ...]
 """A command as sent: ("EVALSHA", sha, numkeys, *keys_and_args), ("AUTH", ...), ..."""
+
+
+class Unsupported(Exception):
+    """The script channel cannot open this pool's connections itself; use PipelineChannel."""
+
+
+# Connection classes whose settings the channel can reproduce on a socket of its own.
+_PLAIN = (
+    redis.Connection,
+    redis.UnixDomainSocketConnection,
+    aioredis.Connection,
+    aioredis.UnixDomainSocketConnection,
+)
 
 
 @dataclass(frozen=True)
@@ -49,16 +70,27 @@ class Endpoint:
     db: int = 0
     username: str | None = None
     password: str | None = None
+    tls: ssl.SSLContext | None = field(default=None, compare=False)
+    """TLS (rediss:// URLs): the context redis-py builds from the URL's ssl_* settings, so both
+    paths check the server alike (CA, hostname, client certificate)."""
 
     @classmethod
     def from_pool(cls, pool: Any) -> Endpoint:
+        """The pool's endpoint. Raises Unsupported for a pool this channel cannot copy, and
+        ValueError for TLS settings that do not work (a missing CA file, a bad ssl_cert_reqs),
+        so a bad URL fails when the store is made rather than on its first write."""
         kw = pool.connection_kwargs
-        kind = pool.connection_class.__name__
-        if kind not in ("Connection", "UnixDomainSocketConnection"):
-            raise ValueError(
-                f"the feedback store's write channel supports redis:// and unix:// URLs; "
-                f"this one needs a {kind} (TLS, rediss://), which it does not implement"
-            )
+        kind = pool.connection_class
+        if kw.get("credential_provider") is not None:
+            raise Unsupported("a credential provider (its AUTH tokens change over time)")
+        tls: ssl.SSLContext | None = None
+        if kind is aioredis.SSLConnection:
+            try:
+                tls = kind(**kw).ssl_context.get()
+            except (RedisError, OSError, ValueError) as e:
+                raise ValueError(f"the TLS settings of this Redis URL do not work: {e}") from e
+        elif kind not in _PLAIN:
+            raise Unsupported(f"connections of class {kind.__module__}.{kind.__qualname__}")
         return cls(
             host=kw.get("host", "127.0.0.1"),
             port=int(kw.get("port", 6379)),
@@ -66,6 +98,7 @@ class Endpoint:
             db=int(kw.get("db") or 0),
             username=kw.get("username"),
             password=kw.get("password"),
+            tls=tls,
         )
 
     def handshake(self) -> list[Command]:
@@ -138,35 +171,35 @@ class _Resp(asyncio.Protocol):
         return done
 
 
-class ScriptChannel:
-    """Batched EVALSHA calls on one connection of its own (see the module docstring)."""
+class _BatchedCalls:
+    """Group commit of script calls (the module docstring's semantics); subclasses send."""
 
     def __init__(
         self,
-        endpoint: Endpoint,
         *,
         max_batch: int,
         in_flight: int,
-        timeout_s: float,
-        connect_timeout_s: float,
         retries: int,
-        backoff: ExponentialBackoff,
+        backoff: AbstractBackoff,
     ) -> None:
-        self.endpoint = endpoint
         self.max_batch = max_batch
         self.in_flight = in_flight
-        self.timeout_s = timeout_s
-        self.connect_timeout_s = connect_timeout_s
         self.retries = retries
         self.backoff = backoff
         self._pending: list[tuple[Command, asyncio.Future[Any]]] = []
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._conn: _Resp | None = None
-        self._connecting: asyncio.Lock | None = None
         self._scripts: dict[str, str] = {}
         """sha -> script, to load the scripts Redis does not know (NOSCRIPT)."""
         self.batches_sent = 0
+
+    async def _send(self, wire: list[Command]) -> list[Any]:
+        """Send one batch; its replies in order, error replies as exception objects."""
+        raise NotImplementedError
+
+    def _reset(self, *, close: bool) -> None:
+        """Forget the connection (closing it on close(); on a new event loop, tests run one per
+        test, it belongs to the old loop and is only dropped)."""
 
     # -- callers ------------------------------------------------------------------------------
 
@@ -193,16 +226,12 @@ class ScriptChannel:
             if not fut.done():
                 fut.set_exception(RedisConnectionError("the write channel was closed"))
         self._pending.clear()
-        if self._conn is not None:
-            self._conn.close(RedisConnectionError("the write channel was closed"))
-            self._conn = None
+        self._reset(close=True)
 
     # -- the writers --------------------------------------------------------------------------
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
-        # A new event loop (tests run one per test): the old connection belongs to the old one.
-        self._conn = None
-        self._connecting = asyncio.Lock()
+        self._reset(close=False)
         self._wake = asyncio.Event()
         self._tasks = [loop.create_task(self._writer()) for _ in range(self.in_flight)]
 
@@ -260,6 +289,34 @@ class ScriptChannel:
                     raise
                 await asyncio.sleep(self.backoff.compute(failures))
 
+
+class ScriptChannel(_BatchedCalls):
+    """Batched EVALSHA calls on one connection of its own, hiredis in C (the fast path)."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        *,
+        max_batch: int,
+        in_flight: int,
+        timeout_s: float,
+        connect_timeout_s: float,
+        retries: int,
+        backoff: ExponentialBackoff,
+    ) -> None:
+        super().__init__(max_batch=max_batch, in_flight=in_flight, retries=retries, backoff=backoff)
+        self.endpoint = endpoint
+        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: _Resp | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    def _reset(self, *, close: bool) -> None:
+        if close and self._conn is not None:
+            self._conn.close(RedisConnectionError("the write channel was closed"))
+        self._conn = None
+        self._connecting = asyncio.Lock()
+
     async def _send(self, wire: list[Command]) -> list[Any]:
         conn = await self._connection()
         done = conn.send(wire)
@@ -293,8 +350,9 @@ class ScriptChannel:
                 if ep.path is not None:
                     _, conn = await loop.create_unix_connection(_Resp, ep.path)
                 else:
-                    _, conn = await loop.create_connection(_Resp, ep.host, ep.port)
-        except (OSError, TimeoutError) as e:
+                    # With TLS the host name is also the one the certificate is checked against.
+                    _, conn = await loop.create_connection(_Resp, ep.host, ep.port, ssl=ep.tls)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError (a refused certificate) included
             where = ep.path or f"{ep.host}:{ep.port}"
             raise RedisConnectionError(f"cannot connect to Redis at {where}: {e!r}") from None
         hello = ep.handshake()
@@ -312,5 +370,28 @@ class ScriptChannel:
         return conn
 
 
+class PipelineChannel(_BatchedCalls):
+    """The same batches through redis-py's pipeline, for pools the script channel cannot copy
+    (Endpoint.from_pool): slower per batch, the same group commit and reply matching.
+
+    Resending is redis-py's: the pool's Retry (the store's retries and backoff) sends a batch
+    again on a new connection after a connection error or timeout, which is as safe as the
+    script channel's resend. This layer therefore does not retry on top of it."""
+
+    def __init__(self, client: aioredis.Redis, *, max_batch: int, in_flight: int) -> None:
+        super().__init__(max_batch=max_batch, in_flight=in_flight, retries=0, backoff=NoBackoff())
+        self.client = client
+
+    async def _send(self, wire: list[Command]) -> list[Any]:
+        self.batches_sent += 1
+        pipe = self.client.pipeline(transaction=False)
+        for cmd in wire:
+            pipe.execute_command(*cmd)
+        return list(await pipe.execute(raise_on_error=False))
+
+
 def _is_noscript(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    # hiredis keeps the error code in the message; redis-py's parser turns it into a class.
+    return isinstance(reply, NoScriptError) or (
+        isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
+    )

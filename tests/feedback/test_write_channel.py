@@ -1,6 +1,7 @@
 """The store's write channel (feedback/write_channel.py) against real redis-servers, on uvloop
 (the server's event loop) and on asyncio: batching, replies matched to their callers, error
-replies, NOSCRIPT, timeouts, reconnection, AUTH/SELECT and unix sockets."""
+replies, NOSCRIPT, timeouts, reconnection, AUTH/SELECT and unix sockets (TLS and the pipeline
+fallback: test_redis_tls.py)."""
 
 from __future__ import annotations
 
@@ -195,6 +196,8 @@ def test_auth_select_and_unix_socket(tmp_path: Path) -> None:
         proc.stop()
 
 
-def test_a_tls_url_is_refused_with_a_clear_error() -> None:
-    with pytest.raises(ValueError, match="TLS"):
-        FeedbackStore.from_url("rediss://127.0.0.1:6380/0")
+def test_a_tls_url_whose_settings_do_not_work_is_refused_with_a_clear_error() -> None:
+    """TLS itself works (tests/feedback/test_redis_tls.py); a CA file that is not there fails
+    when the store is made, not on its first write."""
+    with pytest.raises(ValueError, match="TLS settings"):
+        FeedbackStore.from_url("rediss://127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/ca.crt")

@@ -16,6 +16,11 @@ How a worker takes work, and why:
   above the step time limit, which the cycle enforces (`LoopConfig.__post_init__` checks it).
   The price: after a worker crash, the step resumes only once the timeout has passed.
 - results expire (`result_expires`), json serialisation only (no pickle from the broker).
+- Redis over TLS (`rediss://host:port/0?ssl_ca_certs=/path/ca.crt&ssl_cert_reqs=required`): the
+  URL's ssl_* settings become `broker_use_ssl` and `redis_backend_use_ssl` (`redis_tls`), with
+  the certificate checked unless the URL says `ssl_cert_reqs=none`. The same URL then means the
+  same to the broker, the backend and redis-py (the store, the registry); kombu alone would not
+  check the certificate of a rediss:// URL without settings.
 
 Pool: prefork with one child by default. The heavy steps run in a subprocess of the task (so a
 step can be cancelled, its memory is freed and a multi-GPU launcher can be used), so the pool
@@ -32,10 +37,13 @@ so `celery -A instructloop.training.loop.celery_app worker` works as well as `in
 from __future__ import annotations
 
 import os
+import ssl
+import urllib.parse
 from typing import Any
 
 from celery import Celery, signals
 from celery.beat import Scheduler
+from redis.connection import parse_url
 
 from instructloop.training.loop import metrics
 from instructloop.training.loop.config import LoopConfig
@@ -43,8 +51,38 @@ from instructloop.training.loop.config import LoopConfig
 TICK_TASK = "training.loop.tick"
 
 
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def redis_tls(url: str) -> tuple[str, dict[str, Any] | None]:
+    """(the URL without its ssl_* settings, those settings typed as Celery's *_use_ssl dicts
+    want them), or (url, None) for a URL without TLS.
+
+    redis-py parses the settings, as it does for every other client of the same URL. They leave
+    the URL because Celery's backend would pass the rest of its query on as strings
+    (`ssl_check_hostname=false` would read as true). Raises ValueError for a bad setting."""
+    if urllib.parse.urlsplit(url).scheme != "rediss":
+        return url, None
+    settings = {k: v for k, v in parse_url(url).items() if k.startswith("ssl_")}
+    reqs = settings.get("ssl_cert_reqs", "required")
+    if isinstance(reqs, str):
+        if reqs.lower() not in _CERT_REQS:
+            raise ValueError(
+                f"ssl_cert_reqs={reqs!r} in the Redis URL: use none, optional or required"
+            )
+        reqs = _CERT_REQS[reqs.lower()]
+    settings["ssl_cert_reqs"] = reqs
+    parts = urllib.parse.urlsplit(url)
+    rest = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if not k.startswith("ssl_")]
+    plain = parts._replace(query=urllib.parse.urlencode(rest)).geturl()
+    return plain, settings
+
+
 def create_app(cfg: LoopConfig) -> Celery:
-    app = Celery("instructloop", broker=cfg.redis_url, backend=cfg.redis_url)
+    url, tls = redis_tls(cfg.redis_url)
+    app = Celery("instructloop", broker=url, backend=url)
+    if tls is not None:
+        app.conf.update(broker_use_ssl=dict(tls), redis_backend_use_ssl=dict(tls))
     app.conf.update(
         include=["instructloop.training.loop.tasks"],
         task_default_queue=cfg.queue,

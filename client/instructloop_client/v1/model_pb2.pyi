@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ModelVersion(_message.Message):
-    __slots__ = ("version", "path", "parent", "source", "created", "data_snapshot", "metrics", "gate")
+    __slots__ = ("version", "path", "parent", "source", "created", "data_snapshot", "metrics", "gate", "verified")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +26,7 @@ class ModelVersion(_message.Message):
     DATA_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
     version: str
     path: str
     parent: str
@@ -34,23 +35,28 @@ class ModelVersion(_message.Message):
     data_snapshot: str
     metrics: _containers.ScalarMap[str, float]
     gate: str
-    def __init__(self, version: _Optional[str] = ..., path: _Optional[str] = ..., parent: _Optional[str] = ..., source: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., data_snapshot: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., gate: _Optional[str] = ...) -> None: ...
+    verified: str
+    def __init__(self, version: _Optional[str] = ..., path: _Optional[str] = ..., parent: _Optional[str] = ..., source: _Optional[str] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., data_snapshot: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., gate: _Optional[str] = ..., verified: _Optional[str] = ...) -> None: ...
 
 class GetServingModelRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ServingModel(_message.Message):
-    __slots__ = ("model", "serving_since", "live_version", "replica_id")
+    __slots__ = ("model", "serving_since", "live_version", "replica_id", "pinned", "fallback_reason")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SERVING_SINCE_FIELD_NUMBER: _ClassVar[int]
     LIVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    FALLBACK_REASON_FIELD_NUMBER: _ClassVar[int]
     model: ModelVersion
     serving_since: _timestamp_pb2.Timestamp
     live_version: str
     replica_id: str
-    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live_version: _Optional[str] = ..., replica_id: _Optional[str] = ...) -> None: ...
+    pinned: bool
+    fallback_reason: str
+    def __init__(self, model: _Optional[_Union[ModelVersion, _Mapping]] = ..., serving_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., live_version: _Optional[str] = ..., replica_id: _Optional[str] = ..., pinned: _Optional[bool] = ..., fallback_reason: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
