@@ -117,7 +117,7 @@ async def wait_serving(port: int, version: str, timeout: float = 600) -> float:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
-    from instructloop.paths import default_model_dir
+    from instructloop.paths import CHECKPOINT_ROOTS_ENV, default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
     from instructloop.training.loop.config import STEPS
@@ -129,6 +129,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     env = {
         **ENGINE_ENV, "REDIS_URL": redis.url, "INSTRUCTLOOP_API_KEYS": USER_KEY,
         "INSTRUCTLOOP_ADMIN_KEYS": ADMIN_KEY, "TOKENIZERS_PARALLELISM": "false",
+        # the cycle writes its candidates under `work`, which must be a checkpoint root
+        CHECKPOINT_ROOTS_ENV: str(RESULTS_DIR),
     }  # fmt: skip
     registry = ModelRegistry(redis.url)
     procs: list[Proc] = []

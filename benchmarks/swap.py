@@ -175,7 +175,7 @@ def _lat(reqs: list[Req]) -> dict[str, float]:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from instructloop.paths import default_model_dir
+    from instructloop.paths import checkpoint_roots, default_model_dir
     from instructloop.redis_server import free_port
     from instructloop.registry import ModelRegistry
     from tests.support.checkpoints import perturb_checkpoint
@@ -193,7 +193,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     procs: list[Proc] = []
     try:
         v1 = registry.ensure_live(model_dir).version
-        v2 = registry.register(pert, source="bench").version
+        # The perturbed copy lives in the results folder: a checkpoint root for this run.
+        v2 = registry.register(pert, source="bench", roots=[*checkpoint_roots(), RESULTS_DIR])
+        v2 = v2.version
         ports = [free_port() for _ in range(args.replicas)]
         mports = [free_port() for _ in range(args.replicas)]
         dtype = engine_dtype(model_dir)

@@ -24,3 +24,24 @@ def data_dir() -> Path:
 def default_model_dir() -> Path:
     """The directory `instructloop model init` writes and `instructloop serve` serves by default."""
     return data_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+CHECKPOINT_ROOTS_ENV = "INSTRUCTLOOP_CHECKPOINT_ROOTS"
+
+
+def checkpoint_roots() -> list[Path]:
+    """The directories a registered checkpoint must lie in (instructloop/registry/verify.py):
+    the data directory, where `model init` and the training cycle write, plus each directory in
+    `$INSTRUCTLOOP_CHECKPOINT_ROOTS` (separated by the OS path separator, ":" on Linux).
+
+    Why roots at all: a registered version is a path every server will read. Without a bound,
+    `model register` (or a symlink inside a checkpoint) could point the servers at any file on
+    their machines."""
+    extra = os.environ.get(CHECKPOINT_ROOTS_ENV, "").split(os.pathsep)
+    roots = [data_dir(), *(Path(p) for p in extra if p.strip())]
+    out: list[Path] = []
+    for r in roots:
+        resolved = r.expanduser().resolve()
+        if resolved not in out:
+            out.append(resolved)
+    return out

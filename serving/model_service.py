@@ -1,6 +1,8 @@
-"""ModelService: which version this replica serves, the registry's versions, and promotion and
-rollback (one atomic registry update each, announced to every replica that follows the live
-version). Admin keys only (serving/auth.py)."""
+"""ModelService: which version this replica serves (and whether it is pinned or on a
+fallback), the registry's versions, and promotion and rollback (one atomic registry update
+each, announced to every replica that follows the live version). Promotion refuses a version
+whose gate failed or that was not verified when registered, unless `force`. Admin keys only
+(serving/auth.py)."""
 
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ class ModelService(model_pb2_grpc.ModelServiceServicer):
             serving_since=timestamp(max(self.served.since, self.engine.serving_since)),
             live_version=live_version if live_version is not None else await self._live_version(),
             replica_id=self.replica_id,
+            pinned=self.served.pinned,
+            fallback_reason=self.served.fallback.reason if self.served.fallback else "",
         )
 
     async def GetServingModel(

@@ -8,15 +8,23 @@ string, e.g. "v3") on `<prefix>models:events` inside the same script, so no chan
 unannounced. A server subscribes to that channel and re-reads `live()` on each message (and once
 at start, since Pub/Sub keeps nothing for a subscriber that was away).
 
+Every registration verifies the checkpoint first (instructloop/registry/verify.py: under the
+checkpoint roots, weights whole and of config.json's architecture, tokenizer and chat template
+present) and records how; promote refuses an unverified version unless forced
+(docs/CHECKPOINTS.md).
+
 Keys: docs/REDIS-KEYS.md (`feedback.keys.RegistryKeys`).
 """
 
 from instructloop.registry.aio import AsyncModelRegistry
 from instructloop.registry.sync import ModelRegistry
+from instructloop.registry.verify import CheckpointSummary, verify_checkpoint
 from instructloop.registry.versions import (
     GATES,
     HISTORY_MAX,
     REPLICA_STALE_S,
+    VERIFICATIONS,
+    CheckpointRejected,
     GateFailed,
     InvalidModelArgument,
     LiveModel,
@@ -26,6 +34,7 @@ from instructloop.registry.versions import (
     RegistryError,
     RegistryUnavailable,
     UnknownVersion,
+    UnverifiedVersion,
     fingerprint,
 )
 
@@ -33,7 +42,10 @@ __all__ = [
     "GATES",
     "HISTORY_MAX",
     "REPLICA_STALE_S",
+    "VERIFICATIONS",
     "AsyncModelRegistry",
+    "CheckpointRejected",
+    "CheckpointSummary",
     "GateFailed",
     "InvalidModelArgument",
     "LiveModel",
@@ -44,5 +56,7 @@ __all__ = [
     "RegistryError",
     "RegistryUnavailable",
     "UnknownVersion",
+    "UnverifiedVersion",
     "fingerprint",
+    "verify_checkpoint",
 ]

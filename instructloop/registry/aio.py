@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import redis
 import redis.asyncio as aioredis
 
 from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
+from instructloop.paths import checkpoint_roots
 from instructloop.registry.scripts import (
     _PROMOTE,
     _REGISTER,
@@ -21,6 +23,7 @@ from instructloop.registry.scripts import (
     _register_result,
     _unavailable,
 )
+from instructloop.registry.verify import check_roots, verify_checkpoint
 from instructloop.registry.versions import (
     HISTORY_MAX,
     LiveModel,
@@ -30,9 +33,11 @@ from instructloop.registry.versions import (
     _check_gate,
     _check_metrics,
     _check_path,
+    _check_verify,
     _fresh_replica,
     _parse_version,
     _s,
+    _verified_enough,
     fingerprint,
 )
 
@@ -93,16 +98,33 @@ class AsyncModelRegistry:
         data_snapshot: str | None = None,
         metrics: dict[str, float] | None = None,
         gate: str | None = None,
+        verify: str | None = "static",
+        roots: Sequence[str | Path] | None = None,
     ) -> ModelVersion:
-        p = _check_path(path)
-        fp = await asyncio.to_thread(fingerprint, p)
+        """ModelRegistry.register; the file checks run in a worker thread."""
+        how = _check_verify(verify)
+        bounds = checkpoint_roots() if roots is None else roots
+
+        def check() -> tuple[Path, str]:
+            p = _check_path(check_roots(path, bounds))
+            return p, fingerprint(p)
+
+        p, fp = await asyncio.to_thread(check)
         keys, args = self.keys.register_args(
             p, fp, source=source, parent=parent, data_snapshot=data_snapshot, metrics=metrics,
-            gate=gate,
+            gate=gate, verified=how,
         )  # fmt: skip
+        if how and not _verified_enough(await self._recorded_verification(p, fp), how):
+            await asyncio.to_thread(verify_checkpoint, p, how=how, roots=bounds)
         res = await self._call(self.client.eval(_REGISTER, len(keys), *keys, *args))
         _, version = _register_result(res)
         return await self.get(version)
+
+    async def _recorded_verification(self, path: Path, fp: str) -> str | None:
+        known = await self._call(self.client.hget(self.keys.fps, self.keys.fp_field(path, fp)))
+        if not known:
+            return None
+        return (await self.get(_s(known))).verified
 
     async def get(self, version: str) -> ModelVersion:
         pipe = self.client.pipeline(transaction=False)

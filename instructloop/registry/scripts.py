@@ -16,14 +16,27 @@ from instructloop.registry.versions import (
     InvalidModelArgument,
     RegistryUnavailable,
     UnknownVersion,
+    UnverifiedVersion,
     _check_gate,
     _check_metrics,
+    _check_verify,
     _s,
 )
 
+# KEYS: 1 counter, 2 all (zset), 3 fingerprints; ARGV: 1 prefix, 2 fp key, 3 path, 4 parent,
+# 5 source, 6 created_at, 7 data_snapshot, 8 gate, 9 fingerprint, 10 verified, 11.. metric name,
+# value, ... A known directory and content keeps its version; a stronger verification than the
+# one it has ("load" over "static" over none) is recorded on it.
 _REGISTER = """
 local known = redis.call('HGET', KEYS[3], ARGV[2])
-if known then return {'KNOWN', known} end
+if known then
+  local vkey = ARGV[1] .. 'models:v:' .. known
+  local had = redis.call('HGET', vkey, 'verified') or ''
+  if (ARGV[10] == 'load' and had ~= 'load') or (ARGV[10] == 'static' and had == '') then
+    redis.call('HSET', vkey, 'verified', ARGV[10])
+  end
+  return {'KNOWN', known}
+end
 if ARGV[4] ~= '' and redis.call('EXISTS', ARGV[1] .. 'models:v:' .. ARGV[4]) == 0 then
   return {'NOPARENT', ARGV[4]}
 end
@@ -31,8 +44,8 @@ local n = redis.call('INCR', KEYS[1])
 local v = 'v' .. n
 redis.call('HSET', ARGV[1] .. 'models:v:' .. v, 'version', v, 'path', ARGV[3], 'parent', ARGV[4],
            'source', ARGV[5], 'created_at', ARGV[6], 'data_snapshot', ARGV[7], 'gate', ARGV[8],
-           'fingerprint', ARGV[9])
-for i = 10, #ARGV, 2 do
+           'fingerprint', ARGV[9], 'verified', ARGV[10])
+for i = 11, #ARGV, 2 do
   redis.call('HSET', ARGV[1] .. 'models:m:' .. v, ARGV[i], ARGV[i + 1])
 end
 redis.call('ZADD', KEYS[2], n, v)
@@ -41,11 +54,16 @@ return {'NEW', v}
 """
 
 # KEYS: 1 live, 2 history, 3 version hash
-# ARGV: 1 version, 2 now, 3 channel, 4 history max, 5 force ("1": even if its gate failed)
+# ARGV: 1 version, 2 now, 3 channel, 4 history max, 5 force ("1": even if its gate failed or it
+# was not verified)
 _PROMOTE = """
 if redis.call('EXISTS', KEYS[3]) == 0 then return {'UNKNOWN'} end
 if redis.call('HGET', KEYS[3], 'gate') == 'failed' and ARGV[5] ~= '1' then
   return {'GATE'}
+end
+local verified = redis.call('HGET', KEYS[3], 'verified')
+if (not verified or verified == '') and ARGV[5] ~= '1' then
+  return {'UNVERIFIED'}
 end
 local cur = redis.call('HGET', KEYS[1], 'version')
 if cur == ARGV[1] then return {'SAME', cur} end
@@ -74,6 +92,11 @@ class _Layout(RegistryKeys):
 
     __slots__ = ()
 
+    @staticmethod
+    def fp_field(path: Path, fp: str) -> str:
+        """The field of the fingerprints hash that names a directory with this content."""
+        return f"{path}\n{fp}"
+
     def register_args(
         self,
         path: Path,
@@ -84,12 +107,13 @@ class _Layout(RegistryKeys):
         data_snapshot: str | None,
         metrics: dict[str, float] | None,
         gate: str | None,
+        verified: str = "",
     ) -> tuple[list[str], list[str]]:
         if not source:
             raise InvalidModelArgument("source is required (e.g. 'init', 'sft', 'ppo')")
         args = [
             self.prefix,
-            f"{path}\n{fp}",
+            self.fp_field(path, fp),
             str(path),
             parent or "",
             source,
@@ -97,6 +121,7 @@ class _Layout(RegistryKeys):
             data_snapshot or "",
             _check_gate(gate),
             fp,
+            _check_verify(verified),
         ]
         for name, value in _check_metrics(metrics).items():
             args += [name, repr(value)]  # repr: the float's exact digits
@@ -118,6 +143,12 @@ def _promote_result(res: list[Any], version: str) -> None:
         raise GateFailed(
             f"model version {version} failed its evaluation gate and cannot go live "
             "(force=True overrides)"
+        )
+    if status == "UNVERIFIED":
+        raise UnverifiedVersion(
+            f"model version {version} was not verified when it was registered; register its "
+            "directory again to verify it (`instructloop model register PATH`), or force=True "
+            "to promote it anyway"
         )
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from instructloop.feedback.keys import DEFAULT_KEY_PREFIX
+from instructloop.paths import checkpoint_roots
 from instructloop.registry.scripts import (
     _PROMOTE,
     _REGISTER,
@@ -18,6 +20,7 @@ from instructloop.registry.scripts import (
     _register_result,
     _unavailable,
 )
+from instructloop.registry.verify import check_roots, verify_checkpoint
 from instructloop.registry.versions import (
     HISTORY_MAX,
     REPLICA_STALE_S,
@@ -28,9 +31,11 @@ from instructloop.registry.versions import (
     _check_gate,
     _check_metrics,
     _check_path,
+    _check_verify,
     _fresh_replicas,
     _parse_version,
     _s,
+    _verified_enough,
     fingerprint,
 )
 
@@ -72,18 +77,39 @@ class ModelRegistry:
         data_snapshot: str | None = None,
         metrics: dict[str, float] | None = None,
         gate: str | None = None,
+        verify: str | None = "static",
+        roots: Sequence[str | Path] | None = None,
     ) -> ModelVersion:
         """Register a checkpoint directory; the same directory with the same content again
-        returns the version it already has (its other arguments are then ignored)."""
-        p = _check_path(path)
+        returns the version it already has (its other arguments are then ignored, but a
+        stronger `verify` than it had is recorded).
+
+        The directory must lie under `roots` (None: the configured checkpoint roots,
+        `paths.checkpoint_roots`), every symlink in it included, and pass `verify`
+        (instructloop/registry/verify.py): "static" (weights whole and of config.json's
+        architecture, tokenizer and chat template present), "load" (also loaded in an engine),
+        or None: not verified, so it goes live only with force. Raises CheckpointRejected."""
+        how = _check_verify(verify)
+        bounds = checkpoint_roots() if roots is None else roots
+        p = _check_path(check_roots(path, bounds))
         fp = fingerprint(p)
         keys, args = self.keys.register_args(
             p, fp, source=source, parent=parent, data_snapshot=data_snapshot, metrics=metrics,
-            gate=gate,
+            gate=gate, verified=how,
         )  # fmt: skip
+        if how and not _verified_enough(self._recorded_verification(p, fp), how):
+            verify_checkpoint(p, how=how, roots=bounds)
         res = self._call(self.client.eval, _REGISTER, len(keys), *keys, *args)
         _, version = _register_result(res)
         return self.get(version)
+
+    def _recorded_verification(self, path: Path, fp: str) -> str | None:
+        """How the version of this directory and content (if any) was verified: the same
+        files need not be checked again (a server registers its model at every start)."""
+        known = self._call(self.client.hget, self.keys.fps, self.keys.fp_field(path, fp))
+        if not known:
+            return None
+        return self.get(_s(known)).verified
 
     def get(self, version: str) -> ModelVersion:
         pipe = self.client.pipeline(transaction=False)

@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 GATES = ("passed", "failed")
+VERIFICATIONS = ("static", "load")
+"""How a version was verified when registered (instructloop/registry/verify.py), weakest first:
+"static" (files, architecture, tokenizer), "load" (also loaded in a CPU engine)."""
 HISTORY_MAX = 100  # previously live versions kept for rollback
 
 
@@ -25,6 +28,19 @@ class UnknownVersion(RegistryError):
 
 class ModelPathError(RegistryError):
     """The checkpoint directory is missing or holds no safetensors weights."""
+
+
+class CheckpointRejected(ModelPathError):
+    """The checkpoint failed verification (instructloop/registry/verify.py): truncated or
+    malformed weights, tensors that do not fit config.json, no tokenizer or chat template, a path
+    outside the checkpoint roots, or an engine that would not load it. The message says which."""
+
+    grpc_code_name = "INVALID_ARGUMENT"
+
+
+class UnverifiedVersion(RegistryError):
+    """Promotion of a version that was not verified when registered (one registered before
+    verification existed, or with verify=None)."""
 
 
 class NoPreviousVersion(RegistryError):
@@ -62,6 +78,10 @@ class ModelVersion:
     """"passed", "failed", or None when no gate ran."""
     fingerprint: str = ""
     """sha256 over the directory's safetensors files and config.json."""
+    verified: str | None = None
+    """How it was verified when registered: "static", "load" (VERIFICATIONS), or None: not
+    verified (registered before verification existed, or with verify=None); such a version goes
+    live only with force."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +94,7 @@ class ModelVersion:
             "metrics": dict(self.metrics),
             "gate": self.gate,
             "fingerprint": self.fingerprint,
+            "verified": self.verified,
         }
 
 
@@ -111,8 +132,6 @@ def _check_path(path: str | Path) -> Path:
     return p
 
 
-# KEYS: 1 counter, 2 all (zset), 3 fingerprints, ARGV: 1 prefix, 2 fp key, 3 path, 4 parent,
-# 5 source, 6 created_at, 7 data_snapshot, 8 gate, 9 fingerprint, 10.. metric name, value, ...
 def _s(x: Any) -> str:
     return x.decode() if isinstance(x, bytes) else str(x)
 
@@ -129,6 +148,7 @@ def _parse_version(h: dict[Any, Any], m: dict[Any, Any]) -> ModelVersion:
         metrics={_s(k): float(_s(v)) for k, v in m.items()},
         gate=d.get("gate") or None,
         fingerprint=d.get("fingerprint", ""),
+        verified=d.get("verified") or None,
     )
 
 
@@ -164,6 +184,20 @@ def _check_metrics(metrics: dict[str, float] | None) -> dict[str, float]:
         except (TypeError, ValueError) as e:
             raise InvalidModelArgument(f"metric {k!r} must be a number, got {v!r}") from e
     return out
+
+
+def _check_verify(verify: str | None) -> str:
+    if verify is None or verify == "":
+        return ""
+    if verify not in VERIFICATIONS:
+        raise InvalidModelArgument(f"verify must be 'static', 'load' or None, got {verify!r}")
+    return verify
+
+
+def _verified_enough(recorded: str | None, wanted: str) -> bool:
+    """Whether a recorded verification covers `wanted` ("load" covers "static")."""
+    rank = {"": 0, **{v: i + 1 for i, v in enumerate(VERIFICATIONS)}}
+    return rank.get(recorded or "", 0) >= rank[wanted]
 
 
 def _check_gate(gate: str | None) -> str:

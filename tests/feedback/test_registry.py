@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,17 +28,37 @@ from instructloop.registry import (
     UnknownVersion,
     fingerprint,
 )
+from tests.support.models import build_tiny_llama
 from tests.support.redis_state import db_state
 
+Checkpoint = Callable[[Path, int], Path]
 
-def checkpoint(path: Path, seed: int) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    save_file(
-        {"w": rng.standard_normal((8, 8)).astype(np.float32)}, str(path / "model.safetensors")
-    )
-    (path / "config.json").write_text('{"model_type": "llama"}')
-    return path
+
+@pytest.fixture(scope="module")
+def tiny_template(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with the default model's tokenizer: a checkpoint the registry verifies."""
+    return build_tiny_llama(tmp_path_factory.mktemp("registry") / "tiny", model_dir)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_template: Path) -> Callable[[Path, int], Path]:
+    """`checkpoint(path, seed)`: a valid checkpoint at `path` whose weights depend on `seed`
+    (written over what is there)."""
+    from safetensors.numpy import load_file
+
+    def make(path: Path, seed: int) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        for f in tiny_template.iterdir():
+            if f.name != "model.safetensors":
+                shutil.copyfile(f, path / f.name)
+        state = load_file(str(tiny_template / "model.safetensors"))
+        norm = "model.norm.weight"
+        rng = np.random.default_rng(seed)
+        state[norm] = rng.standard_normal(state[norm].shape).astype(state[norm].dtype)
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+        return path
+
+    return make
 
 
 @pytest.fixture
@@ -68,7 +89,9 @@ class Events:
         return self.messages
 
 
-def test_register_versions_and_idempotence(reg: ModelRegistry, tmp_path: Path) -> None:
+def test_register_versions_and_idempotence(
+    reg: ModelRegistry, tmp_path: Path, checkpoint: Checkpoint
+) -> None:
     a = checkpoint(tmp_path / "a", 0)
     v1 = reg.register(a, source="init", metrics={"x": 0.1 + 0.2})
     assert v1.version == "v1"
@@ -95,7 +118,7 @@ def test_register_versions_and_idempotence(reg: ModelRegistry, tmp_path: Path) -
 
 
 def test_register_bad_input_changes_nothing(
-    reg: ModelRegistry, redis_client: Any, tmp_path: Path
+    reg: ModelRegistry, redis_client: Any, tmp_path: Path, checkpoint: Checkpoint
 ) -> None:
     a = checkpoint(tmp_path / "a", 0)
     reg.register(a, source="init")
@@ -120,7 +143,7 @@ def test_register_bad_input_changes_nothing(
 
 
 def test_concurrent_registration_of_one_directory(
-    redis_url: str, redis_client: Any, tmp_path: Path
+    redis_url: str, redis_client: Any, tmp_path: Path, checkpoint: Checkpoint
 ) -> None:
     a = checkpoint(tmp_path / "a", 0)
     barrier = threading.Barrier(8)
@@ -139,7 +162,9 @@ def test_concurrent_registration_of_one_directory(
     assert redis_client.zcard("il:models:all") == 1
 
 
-def test_promote_rollback_and_events(reg: ModelRegistry, redis_client: Any, tmp_path: Path) -> None:
+def test_promote_rollback_and_events(
+    reg: ModelRegistry, redis_client: Any, tmp_path: Path, checkpoint: Checkpoint
+) -> None:
     v1 = reg.register(checkpoint(tmp_path / "a", 0), source="init")
     v2 = reg.register(checkpoint(tmp_path / "b", 1), source="sft", parent="v1")
     v3 = reg.register(checkpoint(tmp_path / "c", 2), source="ppo", parent="v2")
@@ -166,7 +191,9 @@ def test_promote_rollback_and_events(reg: ModelRegistry, redis_client: Any, tmp_
     assert events.drain(5) == ["v1", "v2", "v3", "v2", "v1"]
 
 
-def test_promotion_guards(reg: ModelRegistry, redis_client: Any, tmp_path: Path) -> None:
+def test_promotion_guards(
+    reg: ModelRegistry, redis_client: Any, tmp_path: Path, checkpoint: Checkpoint
+) -> None:
     reg.register(checkpoint(tmp_path / "a", 0), source="init")
     reg.promote("v1")
     bad = reg.register(checkpoint(tmp_path / "b", 1), source="ppo", parent="v1")
@@ -201,7 +228,7 @@ def test_ensure_live_and_default_model(reg: ModelRegistry, model_dir: Path) -> N
     assert reg.register(model_dir, source="init") == live
 
 
-def test_registry_unavailable(tmp_path: Path) -> None:
+def test_registry_unavailable(tmp_path: Path, checkpoint: Checkpoint) -> None:
     down = ModelRegistry(f"redis://127.0.0.1:{free_port()}/0")
     with pytest.raises(RegistryUnavailable):
         down.live()
@@ -217,7 +244,9 @@ def test_registry_unavailable(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-async def test_async_registry(redis_client: Any, redis_url: str, tmp_path: Path) -> None:
+async def test_async_registry(
+    redis_client: Any, redis_url: str, tmp_path: Path, checkpoint: Checkpoint
+) -> None:
     reg = AsyncModelRegistry(redis_url)
     sync = ModelRegistry(redis_client)
     try:

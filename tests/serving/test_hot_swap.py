@@ -12,8 +12,9 @@ The claims:
   tokens are exactly what its named version produces greedily: never a mix of two versions,
   whether the request finished on the old weights (long drain) or was restarted on the new
   ones (short drain; a stream is told with `restarted`);
-- a checkpoint that does not load (wrong shape; changed on disk since it was registered) leaves
-  the old version serving, and the alert metric shows it;
+- a checkpoint that does not load (wrong shape, forced live past the registry's verification;
+  changed on disk since it was registered) leaves the old version serving, and the alert metric
+  shows it;
 - PromoteModel / RollbackModel need an admin key and a valid version, and change nothing else.
 
 Engines run in float32: there vLLM and transformers agree over many tokens, and the CPU backend
@@ -131,8 +132,12 @@ async def world(
         ):
             versions = {"orig": a.engine.model_version}
             assert b.engine.model_version == versions["orig"]
-            for name in ("pert", "wrong_shape"):
-                versions[name] = registry.register(swap_ckpts[name], source="test").version
+            versions["pert"] = registry.register(swap_ckpts["pert"], source="test").version
+            # Registration refuses it (instructloop/registry/verify.py); registered unverified
+            # and forced live, it shows that a replica's own validation still holds.
+            versions["wrong_shape"] = registry.register(
+                swap_ckpts["wrong_shape"], source="test", verify=None
+            ).version
             yield World(url, client, registry, swap_ckpts, versions, swap_refs, eos, a, b)
     finally:
         registry.close()
@@ -348,8 +353,9 @@ async def test_bad_checkpoints_leave_the_old_version_serving_with_an_alert(
     v_pert = w.versions["pert"]
     failed_before = metric(w.a, "instructloop_swaps_total", outcome="failed")
 
-    # 1. Wrong tensor shape: refused by validation before anything pauses.
-    w.registry.promote(w.versions["wrong_shape"])
+    # 1. Wrong tensor shape (forced past the registry's verification): refused by validation
+    # before anything pauses.
+    w.registry.promote(w.versions["wrong_shape"], force=True)
     await until(lambda: metric(w.a, "instructloop_swap_failed") == 1)
     assert metric(w.a, "instructloop_replica_behind_live") == 1
     assert metric(w.a, "instructloop_swaps_total", outcome="failed") == failed_before + 1

@@ -40,3 +40,35 @@ def edit_checkpoint(src: Path, dst: Path, edit: Callable[[dict[str, Any]], None]
     edit(state)
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
+
+
+BROKEN = ("truncated", "random_bytes", "architecture", "symlink")
+"""The bad checkpoints the probe registered (issue: "Checkpoints are verified before they can go
+live"), as `broken_checkpoint` makes them."""
+
+
+def broken_checkpoint(src: Path, dst: Path, how: str) -> Path:
+    """A copy of `src` broken one way: "truncated" (the weights cut to half their size),
+    "random_bytes" (the weights replaced by 1,000 random bytes), "architecture" (config.json's
+    hidden_size doubled, so no tensor fits it), "symlink" (tokenizer.json a link to a system
+    file, outside any checkpoint root)."""
+    import json
+    import os
+
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    if how == "truncated":
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    elif how == "random_bytes":
+        weights.write_bytes(os.urandom(1000))
+    elif how == "architecture":
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["hidden_size"] *= 2
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    elif how == "symlink":
+        (dst / "tokenizer.json").unlink()
+        (dst / "tokenizer.json").symlink_to("/etc/passwd")
+    else:
+        raise ValueError(f"unknown breakage {how!r}; one of {BROKEN}")
+    return dst

@@ -59,7 +59,10 @@ def register_candidate(
     gate: str,
 ) -> str:
     """Register a PPO candidate with its lineage; its version. Registering the same directory
-    again (a step redone after a crash) returns the version it already has."""
+    again (a step redone after a crash) returns the version it already has. The registry
+    verifies it like any checkpoint ("static", instructloop/registry/verify.py; it must lie under
+    the checkpoint roots, which the default work_dir in the data directory does): a candidate
+    that does not verify fails the gate step and is never registered."""
     reg = _registry(redis_url, prefix)
     try:
         clean = {k: v for k, v in metrics.items() if math.isfinite(v)}
@@ -85,10 +88,13 @@ def promote(redis_url: str, prefix: str, version: str) -> None:
         reg.close()
 
 
-def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "register") -> str:
-    """`instructloop model register PATH`: add an existing checkpoint directory; its version.
-    Lineage (parent, data snapshot, metrics) comes from the checkpoint's manifest.json when it
-    has one."""
+def register_checkpoint(
+    redis_url: str, prefix: str, path: str, source: str = "register", verify: str = "static"
+) -> str:
+    """`instructloop model register PATH`: add an existing checkpoint directory, verified as
+    `verify` says ("static" or "load", instructloop/registry/verify.py); its version. Lineage
+    (parent, data snapshot, metrics) comes from the checkpoint's manifest.json when it has
+    one."""
     parent = data_snapshot = None
     metrics: dict[str, float] = {}
     try:
@@ -110,8 +116,9 @@ def register_checkpoint(redis_url: str, prefix: str, path: str, source: str = "r
             except UnknownVersion:
                 parent = None  # trained from a version this registry does not know
         mv = reg.register(
-            path, source=source, parent=parent, data_snapshot=data_snapshot, metrics=metrics
-        )
+            path, source=source, parent=parent, data_snapshot=data_snapshot, metrics=metrics,
+            verify=verify,
+        )  # fmt: skip
         return str(mv.version)
     finally:
         reg.close()

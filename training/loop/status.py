@@ -190,6 +190,8 @@ def _render_serving(out: list[str], serving: dict[str, Any], now: float) -> None
             if r.get("swap_error")
             else (", pinned" if not r.get("follows_live", True) else "")
         )
+        if r.get("fallback"):  # the live version would not load when it started
+            behind = f", FALLBACK ({r['fallback']})" + behind
         out.append(f"  {r['replica_id']}: {r['version']} on {r.get('address', '?')}{state}{behind}")
 
 
