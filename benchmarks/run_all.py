@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-BENCHMARKS = ["serving", "feedback", "swap", "cycle", "ppo_speed", "learning"]
+BENCHMARKS = ["serving", "feedback", "swap", "cycle", "chaos", "ppo_speed", "learning"]
 
 
 def main() -> int:
