@@ -9,6 +9,7 @@ recipe's whole run is benchmarks/online_learning/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ from instructloop.v1 import (
     model_pb2,
     model_pb2_grpc,
 )
+from tests.support.prometheus import Scraper, dashboard_queries
 from tests.support.server import RECONNECT_EVERY_SECOND
 
 USER, ADMIN = "up-user", "up-admin"
@@ -155,17 +157,19 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
     env.update(
         INSTRUCTLOOP_DATA_DIR=str(data), INSTRUCTLOOP_API_KEYS=USER, INSTRUCTLOOP_ADMIN_KEYS=ADMIN
     )
-    port, mport = free_port(), free_port()
+    port, mport, wport = free_port(), free_port(), free_port()
     log_path = tmp_path / "up.log"
     log = log_path.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "instructloop", "up", "--grpc-port", str(port),
-         "--metrics-port", str(mport), "--worker-metrics-port", str(free_port())],
+         "--metrics-port", str(mport), "--worker-metrics-port", str(wport),
+         "--http-port", str(free_port())],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     address = f"127.0.0.1:{port}"
     try:
-        with grpc.insecure_channel(address, options=RECONNECT_EVERY_SECOND) as ch:
+        with contextlib.ExitStack() as stack:
+            ch = stack.enter_context(grpc.insecure_channel(address, options=RECONNECT_EVERY_SECOND))
             _wait_serving(ch, proc, log_path)
             text = log_path.read_text()
             assert "memory: serving KV cache" in text and "(planned: 1/12 of" in text, text[-3000:]
@@ -173,6 +177,14 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
             # Every verb finds the loop through the record `up` keeps (no Redis URL given).
             loop = read_running(data)
             assert loop is not None and loop.pid == proc.pid and loop.grpc == address
+            # A real Prometheus scrapes the server, the worker and Redis all along, as the
+            # deployment's does; the dashboard's queries are checked against it at the end.
+            prom = stack.enter_context(Scraper(
+                tmp_path / "prometheus",
+                {"instructloop-serving": [f"127.0.0.1:{mport}"],
+                 "instructloop-worker": [f"127.0.0.1:{wport}"]},
+                loop.redis_url,
+            ))  # fmt: skip
             assert loop.memory["serving_kv_cache_gib"] >= 1
             st = _verb("status", env=env)
             assert st.returncode == 0, st.stderr
@@ -181,6 +193,7 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
 
             sent = _rank_some(ch, 16)
             assert sent >= 4
+            _replay_and_reject(ch)
             exp = _verb("feedback", "export", "--out", str(tmp_path / "export"), env=env)
             assert exp.returncode == 0, exp.stderr
             assert f"rankings {sent}," in exp.stdout, exp.stdout
@@ -229,6 +242,11 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
             metrics = _metrics(mport)
             assert metrics.get("instructloop_engine_restarts_total", 0.0) == 0.0
             assert metrics.get("instructloop_engine_up") == 1.0
+            # Every panel of the shipped dashboard has data from this one loop.
+            time.sleep(3)  # a scrape after the last change
+            assert set(prom.up().values()) == {1.0}, prom.up()
+            empty = [(t, q) for t, q in dashboard_queries() if not prom.query(q)]
+            assert not empty, empty
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGINT)
@@ -240,6 +258,29 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
         log.close()
     assert rc == 0, log_path.read_text()[-3000:]
     assert read_running(data, check_alive=False) is None  # the record goes with the loop
+
+
+def _replay_and_reject(ch: grpc.Channel) -> None:
+    """A client retry (an idempotent replay, acknowledged again) and a forged ranking (refused):
+    what the dashboard's feedback panels count."""
+    comp = completion_pb2_grpc.CompletionServiceStub(ch)
+    fb = feedback_pb2_grpc.FeedbackServiceStub(ch)
+    md = [("authorization", f"Bearer {USER}")]
+    resp = comp.Complete(completion_pb2.CompletionRequest(prompt="Hello", n=2, max_tokens=4),
+                         metadata=md)  # fmt: skip
+    ids = [c.response_id for c in resp.choices]
+    req = feedback_pb2.SubmitRankingRequest(
+        user_id="retry", idempotency_key="replayed", completion_id=resp.completion_id,
+        ranked_response_ids=ids,
+    )  # fmt: skip
+    first, again = fb.SubmitRanking(req, metadata=md), fb.SubmitRanking(req, metadata=md)
+    assert first.feedback_id == again.feedback_id
+    forged = feedback_pb2.SubmitRankingRequest(
+        user_id="forger", completion_id=resp.completion_id, ranked_response_ids=["resp-x", ids[0]]
+    )
+    with pytest.raises(grpc.RpcError) as e:
+        fb.SubmitRanking(forged, metadata=md)
+    assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 
 def _metrics(port: int) -> dict[str, Any]:
