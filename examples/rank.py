@@ -125,7 +125,8 @@ def main() -> int:
     args = ap.parse_args()
     loop = read_running()
     address = args.address or (loop.grpc if loop else "127.0.0.1:50051")
-    key = args.key or (os.environ.get("INSTRUCTLOOP_API_KEYS", "").split(",")[0].strip())
+    first = os.environ.get("INSTRUCTLOOP_API_KEYS", "").split(",")[0].strip()
+    key = args.key or first.rpartition(":")[2]  # a `NAME:KEY` entry names its principal
     md = [("authorization", f"Bearer {key}")] if key else []
     with grpc.insecure_channel(address) as ch:
         stub, fb = cg.CompletionServiceStub(ch), fg.FeedbackServiceStub(ch)

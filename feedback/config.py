@@ -33,9 +33,15 @@ class StoreConfig:
     None never trims. Trimmed feedback entries are no longer exported."""
 
     rate_limit_per_minute: int = 600
-    """Stored feedback submissions per user per window (fixed window in Redis, so the limit
-    holds across server replicas). 0 disables the limit. Only feedback that is actually stored
-    counts: invalid requests, idempotent replays and refused requests do not."""
+    """Stored feedback submissions per user (within its principal) per window (fixed window in
+    Redis, so the limit holds across server replicas). 0 disables the limit. Only feedback that
+    is actually stored counts: invalid requests, idempotent replays and refused requests do
+    not."""
+
+    principal_rate_limit_per_minute: int = 0
+    """Stored feedback submissions per principal (an API key's owner, all its users together)
+    per window; 0 disables. Off by default: one application key usually carries all of a
+    product's users, and only the operator knows their volume (`--quota-feedback`)."""
 
     rate_limit_window_s: int = 60
     """Length of the rate-limit window in seconds (the limit is per this window)."""
@@ -89,6 +95,8 @@ class StoreConfig:
                 raise ValueError(f"{name} must be positive or None, got {value}")
         if self.rate_limit_per_minute < 0:
             raise ValueError("rate_limit_per_minute must be >= 0 (0 disables the limit)")
+        if self.principal_rate_limit_per_minute < 0:
+            raise ValueError("principal_rate_limit_per_minute must be >= 0 (0 disables it)")
         if self.rate_limit_window_s <= 0:
             raise ValueError("rate_limit_window_s must be positive")
         if self.max_ranking_size < 2:

@@ -43,13 +43,18 @@ class IdempotencyConflict(FeedbackError):
 
 
 class RateLimited(FeedbackError):
-    """The user has used up the feedback rate limit for the current window."""
+    """The user, or its principal, has used up its feedback rate limit for the current window.
+    `scope`: "user" or "principal"."""
 
     grpc_code_name = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, *, retry_after_s: float) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float, scope: str = "user", principal: str = ""
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.scope = scope
+        self.principal = principal
 
 
 class StoreUnavailable(FeedbackError):

@@ -39,16 +39,33 @@ class Keys:
     def feedback(self, feedback_id: str) -> str:
         return f"{self.prefix}fb:{feedback_id}"
 
-    def idempotency(self, user_id: str, key: str) -> str:
-        # The user id's length first, so that ids containing ":" cannot collide.
+    def idempotency(self, user_id: str, key: str, principal: str = "") -> str:
+        # The user id's length first, so that ids containing ":" cannot collide. A user is a
+        # label within its principal; without one (authentication off) the layout is the one
+        # that came before principals, so earlier keys still answer replays.
+        if principal:
+            return f"{self.prefix}idem:p{len(principal)}:{principal}:{len(user_id)}:{user_id}:{key}"
         return f"{self.prefix}idem:{len(user_id)}:{user_id}:{key}"
 
     @property
     def feedback_log(self) -> str:
         return f"{self.prefix}log:feedback"
 
-    def rate(self, user_id: str, window: int) -> str:
+    def rate(self, user_id: str, window: int, principal: str = "") -> str:
+        """One user's stored feedback in a window (within its principal, as `idempotency`)."""
+        if principal:
+            p = f"p{len(principal)}:{principal}"
+            return f"{self.rate_prefix}{p}:{len(user_id)}:{user_id}:{window}"
         return f"{self.rate_prefix}{len(user_id)}:{user_id}:{window}"
+
+    def principal_rate(self, principal: str, window: int) -> str:
+        """One principal's stored feedback in a window, all its users together."""
+        return f"{self.rate_prefix}fp{len(principal)}:{principal}:{window}"
+
+    def quota(self, kind: str, principal: str, window: int) -> str:
+        """One principal's completion requests or generated tokens (`kind`) in a window
+        (serving/quotas.py)."""
+        return f"{self.rate_prefix}q:{kind}:{len(principal)}:{principal}:{window}"
 
     @property
     def rate_prefix(self) -> str:
@@ -154,3 +171,62 @@ class LoopKeys:
     @property
     def schedule(self) -> str:
         return f"{self.prefix}loop:schedule"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelKeys:
+    """The labelling task queue (feedback/tasks.py). Its scripts build `lab:task:<id>` and
+    `lab:seen:<id>` from `task_prefix` and `seen_prefix` themselves, as the feedback script
+    builds response keys."""
+
+    prefix: str = DEFAULT_KEY_PREFIX
+
+    def task(self, task_id: str) -> str:
+        return f"{self.prefix}lab:task:{task_id}"
+
+    def seen(self, task_id: str) -> str:
+        return f"{self.prefix}lab:seen:{task_id}"
+
+    @property
+    def task_prefix(self) -> str:
+        return f"{self.prefix}lab:task:"
+
+    @property
+    def seen_prefix(self) -> str:
+        return f"{self.prefix}lab:seen:"
+
+    @property
+    def cursor(self) -> str:
+        return f"{self.prefix}lab:cursor"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}lab:seq"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}lab:queue"
+
+    @property
+    def leased(self) -> str:
+        return f"{self.prefix}lab:leased"
+
+    @property
+    def holders(self) -> str:
+        return f"{self.prefix}lab:holders"
+
+    @property
+    def done(self) -> str:
+        return f"{self.prefix}lab:done"
+
+    @property
+    def flagged(self) -> str:
+        return f"{self.prefix}lab:flagged"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}lab:stats"
+
+    @property
+    def recent(self) -> str:
+        return f"{self.prefix}lab:recent"

@@ -78,6 +78,9 @@ class CompletionRecord:
     created_at: float
     finished_at: float
     responses: list[ResponseRecord] = field(default_factory=list)
+    principal: str = ""
+    """Who called: the named owner of the API key (serving/auth.py); "" when authentication was
+    off. `user_id` is the caller's own label within it."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -93,6 +96,7 @@ class CompletionRecord:
             "created_at": self.created_at,
             "finished_at": self.finished_at,
             "responses": [r.to_dict() for r in self.responses],
+            "principal": self.principal,
         }
 
     def to_json(self) -> str:
@@ -113,6 +117,7 @@ class CompletionRecord:
             created_at=float(d["created_at"]),
             finished_at=float(d["finished_at"]),
             responses=[ResponseRecord.from_dict(r) for r in d["responses"]],
+            principal=d.get("principal") or "",
         )
 
     @classmethod
@@ -151,6 +156,9 @@ class FeedbackRecord:
     response_id: str | None = None
     scale: str | None = None
     score: int | None = None
+    principal: str = ""
+    """Who submitted it: the API key's principal ("" with authentication off); `user_id` is a
+    label within it."""
 
     def ordering(self) -> tuple[list[str], list[int]]:
         """The judgement as a ranking group: ids best first and their dense ranks.
@@ -190,6 +198,7 @@ class FeedbackRecord:
             "idempotency_key": self.idempotency_key,
             "completion_id": self.completion_id,
             "created_at": self.created_at,
+            "principal": self.principal,
             **self.data(),
         }
 
@@ -208,6 +217,7 @@ class FeedbackRecord:
             "idempotency_key": d.get("idempotency_key") or "",
             "completion_id": d["completion_id"],
             "created_at": float(d["created_at"]),
+            "principal": d.get("principal") or "",
         }
         if kind == "ranking":
             return cls(
@@ -239,5 +249,6 @@ class FeedbackRecord:
             idempotency_key=h.get("idempotency_key", ""),
             completion_id=h["completion_id"],
             created_at=h["created_at"],
+            principal=h.get("principal", ""),
         )
         return cls.from_dict(d)

@@ -48,20 +48,23 @@ redis.call('HINCRBY', KEYS[3], 'completions', 1)
 return {'OK'}
 """
 
-# KEYS: 1 feedback hash, 2 idempotency hash (= KEYS[1] when no key), 3 rate counter,
+# KEYS: 1 feedback hash, 2 idempotency hash (= KEYS[1] when no key), 3 the user's rate counter,
 #       4 feedback stream, 5 stats, 6.. referenced keys (ranking: completion hash;
-#       comparison: chosen's and rejected's response index keys; rating: the response's)
-# ARGV: 1 settings "<rate limit> <window s> <ttl s> <stream maxlen> <response key prefix>"
-#       (0 = off), 2 JSON [kind, feedback id, user id, idempotency key or "", created_at],
-#       3 data JSON (the kind-specific fields, stored verbatim)
+#       comparison: chosen's and rejected's response index keys; rating: the response's),
+#       last: the principal's rate counter
+# ARGV: 1 settings "<rate limit> <window s> <ttl s> <stream maxlen> <principal rate limit>
+#       <response key prefix>" (0 = off), 2 JSON [kind, feedback id, user id, idempotency key
+#       or "", created_at, principal], 3 data JSON (the kind-specific fields, stored verbatim)
 # Few, packed arguments: packing each argument is most of the client's cost per write.
 SUBMIT_FEEDBACK_LUA = """
 redis.replicate_commands()
-local limit, window, ttl, maxlen, rprefix =
-  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (.*)$')
+local limit, window, ttl, maxlen, plimit, rprefix =
+  string.match(ARGV[1], '^(%d+) (%d+) (%d+) (%d+) (%d+) (.*)$')
 limit, window, ttl, maxlen = tonumber(limit), tonumber(window), tonumber(ttl), tonumber(maxlen)
+plimit = tonumber(plimit)
 local meta = cjson.decode(ARGV[2])
-local kind, fid, user, ikey, now = meta[1], meta[2], meta[3], meta[4], meta[5]
+local kind, fid, user, ikey, now, principal = meta[1], meta[2], meta[3], meta[4], meta[5], meta[6]
+local pkey = KEYS[#KEYS]
 local data = ARGV[3]
 local digest = redis.sha1hex(kind .. '\\n' .. data)
 if ikey ~= '' then
@@ -124,8 +127,13 @@ if limit > 0 then
   local used = tonumber(redis.call('GET', KEYS[3]) or '0')
   if used >= limit then return {'RATE', tostring(used)} end
 end
+if plimit > 0 then
+  local used = tonumber(redis.call('GET', pkey) or '0')
+  if used >= plimit then return {'PRATE', tostring(used)} end
+end
 redis.call('HSET', KEYS[1], 'feedback_id', fid, 'kind', kind, 'user_id', user,
-           'idempotency_key', ikey, 'completion_id', cid, 'created_at', now, 'data', data)
+           'idempotency_key', ikey, 'completion_id', cid, 'created_at', now, 'data', data,
+           'principal', principal)
 if ttl > 0 then redis.call('EXPIRE', KEYS[1], ttl) end
 if ikey ~= '' then
   redis.call('HSET', KEYS[2], 'feedback_id', fid, 'created_at', now, 'digest', digest,
@@ -141,6 +149,9 @@ end
 redis.call('HINCRBY', KEYS[5], 'feedback:' .. kind, 1)
 if limit > 0 then
   if redis.call('INCR', KEYS[3]) == 1 then redis.call('EXPIRE', KEYS[3], 2 * window) end
+end
+if plimit > 0 then
+  if redis.call('INCR', pkey) == 1 then redis.call('EXPIRE', pkey, 2 * window) end
 end
 return {'OK', cid}
 """

@@ -4,19 +4,21 @@ Every write is ONE Lua script, sent as EVALSHA (one round trip), so Redis runs i
 a record is either wholly there (with its indexes, its stream entry and its counters) or not at
 all. A write returns only after Redis has answered; with `appendonly yes` and
 `appendfsync always` (as `instructloop up` runs it) that answer comes after the fsync.
-Writes go out on a connection of their own (feedback/write_channel.py): writes issued at the
-same moment by concurrent callers share one pipelined batch (one socket write and read, one
-fsync); each is still its own script. Reads use redis-py's connection pool.
+Writes go out on a connection of their own (feedback/write_channel.py; redis://, rediss:// and
+unix:// alike): writes issued at the same moment by concurrent callers share one pipelined batch
+(one socket write and read, one fsync); each is still its own script. Reads use redis-py's
+connection pool.
 
 Order of checks in a feedback write (the first failing one answers, nothing is stored):
 1. the shape of the request (in Python): InvalidFeedback;
-2. idempotency (in the script): the same (user_id, idempotency_key) with the same judgement
-   returns the first ack with duplicate=True; with another judgement, IdempotencyConflict.
-   A replay is answered even when the user is over the rate limit;
+2. idempotency (in the script): the same (principal, user_id, idempotency_key) with the same
+   judgement returns the first ack with duplicate=True; with another judgement,
+   IdempotencyConflict. A replay is answered even when the user is over the rate limit;
 3. the referenced ids (in the script): unknown or expired -> NotFound; ids of different
    completions -> InvalidFeedback;
-4. the rate limit (in the script): RateLimited. Only stored feedback counts towards it;
-5. the write: record, idempotency entry, feedback stream entry, counters, rate counter.
+4. the rate limits (in the script), the user's (within its principal) and the principal's:
+   RateLimited. Only stored feedback counts towards them;
+5. the write: record, idempotency entry, feedback stream entry, counters, rate counters.
 
 Retries: a connection error is retried (config.retries) with the SAME feedback id, and the
 script recognises its own earlier write by that id, so a retried write is never stored twice and
@@ -64,7 +66,12 @@ from instructloop.feedback.scripts import (
     LOG_SHA,
     SUBMIT_FEEDBACK_LUA,
 )
-from instructloop.feedback.write_channel import Endpoint, ScriptChannel
+from instructloop.feedback.write_channel import (
+    Endpoint,
+    PipelineChannel,
+    ScriptChannel,
+    Unsupported,
+)
 
 _UNAVAILABLE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -123,19 +130,28 @@ class FeedbackStore:
         self._maxlen = str(cfg.stream_maxlen or 0)
         self._fb_settings = (
             f"{cfg.rate_limit_per_minute} {cfg.rate_limit_window_s} {cfg.feedback_ttl_s or 0} "
-            f"{cfg.stream_maxlen or 0} {self.keys.response_prefix}"
+            f"{cfg.stream_maxlen or 0} {cfg.principal_rate_limit_per_minute} "
+            f"{self.keys.response_prefix}"
         )
         self._fb_log = self.keys.feedback_log
         self._stats = self.keys.stats
-        self._writes = ScriptChannel(
-            Endpoint.from_pool(client.connection_pool),
-            max_batch=cfg.write_batch_max,
-            in_flight=cfg.write_batches_in_flight,
-            timeout_s=cfg.socket_timeout_s,
-            connect_timeout_s=cfg.socket_connect_timeout_s,
-            retries=cfg.retries,
-            backoff=ExponentialBackoff(cap=cfg.retry_backoff_cap_s, base=0.01),
-        )
+        self._writes: ScriptChannel | PipelineChannel
+        try:
+            endpoint = Endpoint.from_pool(client.connection_pool)
+        except Unsupported:  # a pool the fast channel cannot copy: redis-py's pipeline
+            self._writes = PipelineChannel(
+                client, max_batch=cfg.write_batch_max, in_flight=cfg.write_batches_in_flight
+            )
+        else:
+            self._writes = ScriptChannel(
+                endpoint,
+                max_batch=cfg.write_batch_max,
+                in_flight=cfg.write_batches_in_flight,
+                timeout_s=cfg.socket_timeout_s,
+                connect_timeout_s=cfg.socket_connect_timeout_s,
+                retries=cfg.retries,
+                backoff=ExponentialBackoff(cap=cfg.retry_backoff_cap_s, base=0.01),
+            )
 
     @classmethod
     def from_url(cls, url: str, config: StoreConfig | None = None) -> FeedbackStore:
@@ -200,28 +216,37 @@ class FeedbackStore:
             )
 
     async def _submit(
-        self, kind: str, user_id: str, idempotency_key: str | None, data: str, refs: list[str]
+        self,
+        kind: str,
+        user_id: str,
+        idempotency_key: str | None,
+        data: str,
+        refs: list[str],
+        principal: str,
     ) -> Ack:
         self._check_id("user_id", user_id)
         ikey = idempotency_key or ""
         self._check_id("idempotency_key", ikey, required=False)
+        self._check_id("principal", principal, required=False)
         fid = "fb-" + uuid.uuid4().hex
         now = time.time()
         keys = self.keys
         fb_key = keys.feedback(fid)
         window = self.config.rate_limit_window_s
+        slot = int(now // window)
         res = await self._run(
             FEEDBACK_SHA,
             SUBMIT_FEEDBACK_LUA,
-            5 + len(refs),
+            6 + len(refs),
             fb_key,
-            keys.idempotency(user_id, ikey) if ikey else fb_key,
-            keys.rate(user_id, int(now // window)),
+            keys.idempotency(user_id, ikey, principal) if ikey else fb_key,
+            keys.rate(user_id, slot, principal),
             self._fb_log,
             self._stats,
             *refs,
+            keys.principal_rate(principal, slot),
             self._fb_settings,
-            json.dumps([kind, fid, user_id, ikey, repr(now)]),
+            json.dumps([kind, fid, user_id, ikey, repr(now), principal]),
             data,
         )
         status = res[0]
@@ -240,13 +265,19 @@ class FeedbackStore:
                 f"judgement (feedback {res[1]}); use a new key for new feedback",
                 feedback_id=res[1],
             )
-        if status == "RATE":
+        if status in ("RATE", "PRATE"):
             retry_after = window - (now % window)
+            if status == "RATE":
+                who, scope, limit = f"user {user_id!r}", "user", self.config.rate_limit_per_minute
+            else:
+                who, scope = f"principal {principal!r}", "principal"
+                limit = self.config.principal_rate_limit_per_minute
             raise RateLimited(
-                f"user {user_id!r} has submitted {res[1]} feedback records in this "
-                f"{window} s window (limit {self.config.rate_limit_per_minute}); "
-                f"retry in {retry_after:.0f} s",
+                f"{who} has submitted {res[1]} feedback records in this {window} s window "
+                f"(limit {limit}); retry in {retry_after:.0f} s",
                 retry_after_s=retry_after,
+                scope=scope,
+                principal=principal,
             )
         raise StoreUnavailable(f"unexpected answer from the feedback script: {res!r}")
 
@@ -260,10 +291,13 @@ class FeedbackStore:
         completion_id: str,
         ranked_response_ids: Sequence[str],
         ranks: Sequence[int] | None = None,
+        principal: str = "",
     ) -> Ack:
         """Store a K-way ranking of responses of `completion_id`, best first.
 
         `ranks` (optional): dense ranks per response, equal ranks tie (see normalize_ranks).
+        `principal` (every submit_*): the caller's principal, "" without authentication; the
+        user is a label within it (idempotency keys and the user's rate limit are its own).
         """
         self._check_id("completion_id", completion_id)
         ids = list(ranked_response_ids)
@@ -293,6 +327,7 @@ class FeedbackStore:
             idempotency_key,
             data,
             [self.keys.completion(completion_id)],
+            principal,
         )
 
     async def submit_comparison(
@@ -303,6 +338,7 @@ class FeedbackStore:
         chosen_response_id: str,
         rejected_response_id: str,
         tie: bool = False,
+        principal: str = "",
     ) -> Ack:
         """Store a pairwise judgement of two responses of one completion (or a tie)."""
         self._check_id("chosen_response_id", chosen_response_id)
@@ -325,10 +361,18 @@ class FeedbackStore:
             idempotency_key,
             data,
             [self.keys.response(chosen_response_id), self.keys.response(rejected_response_id)],
+            principal,
         )
 
     async def submit_rating(
-        self, *, user_id: str, idempotency_key: str | None, response_id: str, scale: str, score: int
+        self,
+        *,
+        user_id: str,
+        idempotency_key: str | None,
+        response_id: str,
+        scale: str,
+        score: int,
+        principal: str = "",
     ) -> Ack:
         """Store a rating: scale "thumb" with score +1/-1, or "likert7" with score 1..7."""
         self._check_id("response_id", response_id)
@@ -349,6 +393,7 @@ class FeedbackStore:
             idempotency_key,
             data,
             [self.keys.response(response_id)],
+            principal,
         )
 
     # -- completions --------------------------------------------------------------------------

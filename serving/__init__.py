@@ -5,5 +5,6 @@
 records and back; `errors` turns exceptions into gRPC statuses (with `auth`'s key check);
 `replica` holds what this replica serves; `engine` (with `engine_setup`, `engine_types` and
 `admission`) is the engine; `hot_swap` keeps it on the registry's live version; `config` and
-`metrics` are the settings and the Prometheus series.
+`metrics` are the settings and the Prometheus series. `openai` is the OpenAI-compatible HTTP API,
+a second transport over the same completion core and servicers, in the same event loop.
 """

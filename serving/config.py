@@ -1,8 +1,9 @@
 """The serving component's settings: one dataclass, every field documented.
 
 `ServerConfig.from_env()` fills the fields that have environment variables (REDIS_URL,
-INSTRUCTLOOP_API_KEYS, INSTRUCTLOOP_ADMIN_KEYS); the command line (instructloop/cli/serve.py)
-overrides fields one by one. Nothing here imports vLLM or torch, so building a config is cheap.
+INSTRUCTLOOP_API_KEYS, INSTRUCTLOOP_ADMIN_KEYS, INSTRUCTLOOP_LABELLER_KEYS, the
+INSTRUCTLOOP_QUOTA_* of `QUOTA_ENV`); the command line (instructloop/cli/serve.py) overrides
+fields one by one. Nothing here imports vLLM or torch, so building a config is cheap.
 """
 
 from __future__ import annotations
@@ -17,6 +18,12 @@ from instructloop.feedback.keys import DEFAULT_KEY_PREFIX, DEFAULT_REDIS_URL
 from instructloop.memory import MemoryPlanError, serving_kv_cache_gib
 
 EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+QUOTA_ENV = {
+    "quota_completions_per_minute": "INSTRUCTLOOP_QUOTA_COMPLETIONS_PER_MINUTE",
+    "quota_tokens_per_minute": "INSTRUCTLOOP_QUOTA_TOKENS_PER_MINUTE",
+    "quota_feedback_per_minute": "INSTRUCTLOOP_QUOTA_FEEDBACK_PER_MINUTE",
+}
+"""The per-principal quotas' fields and their environment variables."""
 MiB = 1024 * 1024
 
 
@@ -50,6 +57,15 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = 9464
     """Prometheus metrics HTTP port; 0 picks a free one; None serves no metrics."""
+    http_host: str = "127.0.0.1"
+    """Interface of the OpenAI-compatible HTTP API; loopback by default, as gRPC's."""
+    http_port: int | None = None
+    """Port of the OpenAI-compatible HTTP API (serving/openai/), served by the same process and
+    event loop as gRPC; 0 picks a free one; None serves no HTTP API. Off by default for
+    `serve`, so a gRPC-only deployment opens no second port; `up` turns it on."""
+    http_access_log: bool = False
+    """One log line per HTTP request (uvicorn's access log). Off by default: it costs every
+    request a log record on the serving core; the per-route metrics count the requests."""
 
     # --- Redis -------------------------------------------------------------------------------
     redis_url: str = DEFAULT_REDIS_URL
@@ -57,7 +73,8 @@ class ServerConfig:
     key_prefix: str = DEFAULT_KEY_PREFIX
     """Prefix of every Redis key (registry and store share it)."""
     feedback_rate_limit_per_minute: int | None = None
-    """Per-user feedback submissions per minute; None keeps the store's default, 0 disables."""
+    """Feedback submissions per minute of one user (a user_id within its principal); None keeps
+    the store's default, 0 disables."""
     completion_ttl_s: int | None = None
     """Retention of logged completions; None keeps the store's default."""
 
@@ -134,12 +151,45 @@ class ServerConfig:
 
     # --- auth and TLS ------------------------------------------------------------------------
     api_keys: tuple[str, ...] = ()
-    """User keys (env INSTRUCTLOOP_API_KEYS, comma-separated): completions and feedback."""
+    """User keys (env INSTRUCTLOOP_API_KEYS, comma-separated): completions and feedback. Each is
+    `NAME:KEY` (the key of principal NAME) or a bare `KEY` (principal `key-<8 hex of its
+    SHA-256>`); see serving/auth.py."""
     admin_keys: tuple[str, ...] = ()
     """Admin keys (env INSTRUCTLOOP_ADMIN_KEYS): everything, ModelService included. With no keys
     at all, authentication is off (and the server says so loudly at start)."""
+    labeller_keys: tuple[str, ...] = ()
+    """Labeller keys (env INSTRUCTLOOP_LABELLER_KEYS): the labelling queue only (LabelingService,
+    the /label page), nothing else; give each person their own, as `NAME:KEY`, so their labels
+    and agreement carry their name. A key may not also be a user or admin key."""
     api_keys_file: Path | None = None
-    """A file of keys, one per line: `KEY` or `user KEY` or `admin KEY`; `#` starts a comment."""
+    """A file of keys, one per line: `KEY` or `user KEY`, `admin KEY` or `labeller KEY` (each
+    KEY may be `NAME:KEY`); `#` starts a comment."""
+
+    # --- labelling (serving/labeling_service.py, feedback/tasks.py) ---------------------------
+    label_lease_s: float = 600.0
+    """How long a labeller holds a task before it goes back to the queue (feedback/tasks.py's
+    TaskConfig.lease_s: long enough to rank several answers, short enough that a closed tab
+    does not keep a task from the others for long)."""
+    labels_per_task: int = 1
+    """Labels a task needs before it leaves the queue: 1 labels the most completions; 2 or more
+    measures the agreement between labellers on every task."""
+
+    # --- quotas, per principal (serving/quotas.py) --------------------------------------------
+    quota_completions_per_minute: int = 0
+    """Completion requests one principal may start per minute, across replicas (env
+    INSTRUCTLOOP_QUOTA_COMPLETIONS_PER_MINUTE); 0: no limit. Off by default: with one
+    application calling, the engine's own capacity is the limit, and a per-key number only
+    means something once the operator knows who shares the service; set it for several."""
+    quota_tokens_per_minute: int = 0
+    """Generated tokens (all candidates) one principal may use per minute (env
+    INSTRUCTLOOP_QUOTA_TOKENS_PER_MINUTE); 0: no limit, for the same reason. A request starts
+    while the principal is under it and is charged when it ends, so requests in flight can
+    overshoot it by what they generate."""
+    quota_feedback_per_minute: int = 0
+    """Stored feedback records one principal may submit per minute, all its users together
+    (env INSTRUCTLOOP_QUOTA_FEEDBACK_PER_MINUTE); 0: no limit. Off by default: one application
+    key usually carries all of a product's users, whose volume only the operator knows; each
+    user within it still has `feedback_rate_limit_per_minute`."""
     tls_cert: Path | None = None
     tls_key: Path | None = None
 
@@ -160,7 +210,15 @@ class ServerConfig:
             "redis_url": env.get("REDIS_URL") or DEFAULT_REDIS_URL,
             "api_keys": _split_keys(env.get("INSTRUCTLOOP_API_KEYS")),
             "admin_keys": _split_keys(env.get("INSTRUCTLOOP_ADMIN_KEYS")),
+            "labeller_keys": _split_keys(env.get("INSTRUCTLOOP_LABELLER_KEYS")),
         }
+        for name, var in QUOTA_ENV.items():
+            raw = env.get(var)
+            if raw:
+                try:
+                    base[name] = int(raw)
+                except ValueError:
+                    raise ConfigError(f"{var} must be a whole number, got {raw!r}") from None
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)  # type: ignore[arg-type]
 
@@ -173,7 +231,53 @@ class ServerConfig:
 
     def all_keys(self) -> tuple[frozenset[str], frozenset[str]]:
         """(user keys, admin keys), the key file merged in."""
-        users, admins = set(self.api_keys), set(self.admin_keys)
+        users, admins = self.key_principals()
+        return frozenset(users), frozenset(admins)
+
+    def key_principals(self) -> tuple[dict[str, str], dict[str, str]]:
+        """(user keys, admin keys), each key -> its principal's name, the key file merged in.
+        Raises ConfigError for an entry that cannot be parsed, or one key under two names."""
+        users, admins, _ = self.key_roles()
+        return users, admins
+
+    def labeller_principals(self) -> dict[str, str]:
+        """Labeller keys -> their principals' names, the key file merged in."""
+        return self.key_roles()[2]
+
+    def key_roles(self) -> tuple[dict[str, str], dict[str, str], dict[str, str]]:
+        """(user keys, admin keys, labeller keys), each key -> its principal's name."""
+        # Here, not at the top: serving/auth.py loads the protos, and `instructloop --help`
+        # imports this module.
+        from instructloop.serving.auth import parse_key_entry
+
+        users: dict[str, str] = {}
+        admins: dict[str, str] = {}
+        labellers: dict[str, str] = {}
+
+        def add(into: dict[str, str], entry: str, where: str) -> None:
+            try:
+                principal, key = parse_key_entry(entry)
+            except ValueError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            other_role = key in labellers if into is not labellers else key in {**users, **admins}
+            if other_role:
+                # One role per labeller key: a person's key that could also call completions
+                # would not be a labeller's key.
+                raise ConfigError(f"{where}: a labeller key is also a user or admin key")
+            for named in (users, admins, labellers):
+                if named.get(key, principal) != principal:
+                    raise ConfigError(
+                        f"{where}: a key is given under two principals, {named[key]!r} and "
+                        f"{principal!r}"
+                    )
+            into[key] = principal
+
+        for entry in self.api_keys:
+            add(users, entry, "INSTRUCTLOOP_API_KEYS")
+        for entry in self.admin_keys:
+            add(admins, entry, "INSTRUCTLOOP_ADMIN_KEYS")
+        for entry in self.labeller_keys:
+            add(labellers, entry, "INSTRUCTLOOP_LABELLER_KEYS")
         if self.api_keys_file is not None:
             try:
                 lines = Path(self.api_keys_file).read_text().splitlines()
@@ -184,15 +288,18 @@ class ServerConfig:
                 if not line:
                     continue
                 parts = line.split()
+                where = f"{self.api_keys_file}:{n}"
                 if len(parts) == 1:
-                    users.add(parts[0])
-                elif len(parts) == 2 and parts[0] in ("user", "admin"):
-                    (admins if parts[0] == "admin" else users).add(parts[1])
+                    add(users, parts[0], where)
+                elif len(parts) == 2 and parts[0] in ("user", "admin", "labeller"):
+                    role = {"user": users, "admin": admins, "labeller": labellers}[parts[0]]
+                    add(role, parts[1], where)
                 else:
                     raise ConfigError(
-                        f"{self.api_keys_file}:{n}: expected `KEY`, `user KEY` or `admin KEY`"
+                        f"{where}: expected `KEY`, `user KEY`, `admin KEY` or `labeller KEY` "
+                        "(KEY or NAME:KEY)"
                     )
-        return frozenset(users), frozenset(admins)
+        return users, admins, labellers
 
     def validate(self) -> None:
         """Raise ConfigError for settings that cannot work."""
@@ -203,6 +310,8 @@ class ServerConfig:
                 raise ConfigError(f"TLS file not found: {p}")
         if not 0 <= self.grpc_port <= 65535:
             raise ConfigError(f"grpc_port out of range: {self.grpc_port}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port out of range: {self.http_port}")
         if self.max_model_len < 2:
             raise ConfigError(f"max_model_len must be at least 2, got {self.max_model_len}")
         if self.default_max_tokens < 1:
@@ -227,6 +336,13 @@ class ServerConfig:
             raise ConfigError("swap_drain_timeout_s and swap_retry_s must not be negative")
         if self.swap_poll_s <= 0:
             raise ConfigError("swap_poll_s must be positive")
+        for name in QUOTA_ENV:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must not be negative (0: no limit)")
+        if self.label_lease_s <= 0:
+            raise ConfigError(f"label_lease_s must be positive, got {self.label_lease_s}")
+        if self.labels_per_task < 1:
+            raise ConfigError(f"labels_per_task must be at least 1, got {self.labels_per_task}")
         if self.max_receive_message_bytes < 1024:
             raise ConfigError("max_receive_message_bytes must be at least 1 KiB")
         self.all_keys()

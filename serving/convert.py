@@ -219,10 +219,17 @@ class Candidate:
 
 
 def completion_record(
-    p: Prepared, completion_id: str, version: str, created: float, cands: list[Candidate]
+    p: Prepared,
+    completion_id: str,
+    version: str,
+    created: float,
+    cands: list[Candidate],
+    *,
+    principal: str = "",
 ) -> CompletionRecord:
-    """What the feedback store logs for a finished completion."""
+    """What the feedback store logs for a finished completion (of `principal`'s caller)."""
     return CompletionRecord(
+        principal=principal,
         completion_id=completion_id,
         model_version=version,
         user_id=p.user_id,
@@ -281,4 +288,5 @@ def model_version_pb(mv: ModelVersion) -> model_pb2.ModelVersion:
         data_snapshot=mv.data_snapshot or "",
         metrics=mv.metrics,
         gate=mv.gate or "",
+        verified=mv.verified or "",
     )

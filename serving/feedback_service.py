@@ -1,5 +1,7 @@
 """FeedbackService: comparisons, rankings and ratings, handed to the feedback store, which
-validates them, rate-limits them and keeps them idempotent."""
+validates them, rate-limits them (per user within its principal, and per principal) and keeps
+them idempotent. Each is stored under the caller's principal (serving/quotas.py:
+`current_principal`, bound by the transport)."""
 
 from __future__ import annotations
 
@@ -7,11 +9,12 @@ from collections.abc import Awaitable
 
 import grpc
 
-from instructloop.feedback.errors import FeedbackError
+from instructloop.feedback.errors import FeedbackError, RateLimited
 from instructloop.feedback.store import Ack, FeedbackStore
 from instructloop.serving.convert import feedback_ack, rating_scale
 from instructloop.serving.errors import store_failure
 from instructloop.serving.metrics import ServerMetrics
+from instructloop.serving.quotas import current_principal
 from instructloop.v1 import feedback_pb2, feedback_pb2_grpc
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
@@ -28,8 +31,13 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         except FeedbackError as e:
             if e.grpc_code_name == "UNAVAILABLE":
                 self.metrics.redis_write_errors.labels(f"submit_{kind}").inc()
+            elif isinstance(e, RateLimited):
+                scope = "feedback" if e.scope == "principal" else "feedback_user"
+                self.metrics.quota_refusals.labels(e.principal, scope).inc()
             raise store_failure(e) from None
-        if not ack.duplicate:
+        if ack.duplicate:  # a client's retry, answered with the first ack
+            self.metrics.feedback_duplicates.labels(kind).inc()
+        else:
             self.metrics.feedback_records.labels(kind).inc()
         return feedback_ack(ack)
 
@@ -39,6 +47,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         return await self._submit(
             "comparison",
             self.store.submit_comparison(
+                principal=current_principal(),
                 user_id=request.user_id,
                 idempotency_key=request.idempotency_key or None,
                 chosen_response_id=request.chosen_response_id,
@@ -53,6 +62,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         return await self._submit(
             "ranking",
             self.store.submit_ranking(
+                principal=current_principal(),
                 user_id=request.user_id,
                 idempotency_key=request.idempotency_key or None,
                 completion_id=request.completion_id,
@@ -68,6 +78,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServiceServicer):
         return await self._submit(
             "rating",
             self.store.submit_rating(
+                principal=current_principal(),
                 user_id=request.user_id,
                 idempotency_key=request.idempotency_key or None,
                 response_id=request.response_id,

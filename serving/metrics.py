@@ -3,15 +3,28 @@
 Names carry the `instructloop_` prefix, use base units (seconds, tokens) and end in `_total`
 for counters (prometheus_client adds the suffix). Each server has its own CollectorRegistry, so
 several servers in one process (tests) never share or clash on series.
+
+The same port also serves vLLM's own engine metrics (`vllm:*`: queue, KV cache, prefix cache,
+token counts), which vLLM's stat logger keeps in prometheus_client's global registry, as
+`vllm serve` exposes them: operators get both on one scrape.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+from prometheus_client.metrics_core import Metric
 
 # Latency buckets for a small model on a CPU up to a large one on a GPU: 5 ms .. 2 min.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
@@ -76,10 +89,32 @@ class ServerMetrics:
             ["kind"],
             registry=r,
         )
+        self.feedback_duplicates = Counter(
+            "instructloop_feedback_duplicates",
+            "Idempotent replays of stored feedback (a client's retry), by kind: acknowledged "
+            "with the first record, not stored again.",
+            ["kind"],
+            registry=r,
+        )
         self.redis_write_errors = Counter(
             "instructloop_redis_write_errors",
             "Writes to Redis that failed (the RPC answered UNAVAILABLE), by operation.",
             ["op"],
+            registry=r,
+        )
+        # Quotas (serving/quotas.py; the feedback store's limits). Principals are the
+        # operator's configured few, so the principal label stays bounded.
+        self.quota_refusals = Counter(
+            "instructloop_quota_refusals",
+            "Requests refused for a quota, by principal and kind: requests and tokens "
+            "(completions per minute), feedback (the principal's feedback per minute), "
+            "feedback_user (one user's within it).",
+            ["principal", "kind"],
+            registry=r,
+        )
+        self.quota_errors = Counter(
+            "instructloop_quota_errors",
+            "Quota checks or charges that could not reach Redis (the request went through).",
             registry=r,
         )
         self.served_model = Gauge(
@@ -138,7 +173,20 @@ class ServerMetrics:
         )
         self.behind_live = Gauge(
             "instructloop_replica_behind_live",
-            "1 while this replica serves another version than the registry's live one.",
+            "1 while this replica serves another version than the registry's live one (a swap "
+            "under way or failed, a fallback at start, a pinned replica after a promotion).",
+            registry=r,
+        )
+        # Start-up fallback and pinning (serving/fallback.py, serving/replica.py)
+        self.serving_fallback = Gauge(
+            "instructloop_serving_fallback",
+            "1 while this replica serves an older version because the live one would not load "
+            "when it started (GetServingModel's fallback_reason says why).",
+            registry=r,
+        )
+        self.pinned = Gauge(
+            "instructloop_replica_pinned",
+            "1 when this replica serves a fixed version (serve --model) and ignores promotions.",
             registry=r,
         )
         self.swap_restarted_requests = Counter(
@@ -149,6 +197,7 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self._model_labels: tuple[str, str, str] | None = None
         self._http: Any = None
+        self._engine_metrics_added = False
         self.port: int | None = None
 
     def set_served_model(self, version: str, path: str, replica: str) -> None:
@@ -160,6 +209,9 @@ class ServerMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics HTTP server (port 0: a free one); return its port."""
+        if not self._engine_metrics_added:
+            self.registry.register(EngineMetrics())
+            self._engine_metrics_added = True
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
         self._http = server
         self.port = int(server.server_address[1])
@@ -170,3 +222,18 @@ class ServerMetrics:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+class EngineMetrics:
+    """vLLM's `vllm:*` families from the process-wide registry, collected at scrape time (the
+    engine registers them when it starts, and again after a restart)."""
+
+    PREFIX = "vllm:"
+
+    def describe(self) -> list[Metric]:
+        return []  # names vary with the engine's version: nothing to reserve at registration
+
+    def collect(self) -> Iterator[Metric]:
+        for family in REGISTRY.collect():
+            if family.name.startswith(self.PREFIX):
+                yield family

@@ -5,7 +5,8 @@ The parts, one concern each (in the manner of vLLM's `entrypoints/`, handlers gi
 use rather than an app object):
 - serving/engine.py: the vLLM engine; serving/hot_swap.py keeps it on the live version;
 - serving/completion_service.py, feedback_service.py, model_service.py: one servicer per proto
-  service;
+  service (completions through `Completions`, the core both transports share);
+- serving/openai/: the OpenAI-compatible HTTP API (with `http_port`), uvicorn in this loop;
 - serving/convert.py: request validation and protobuf <-> records;
 - serving/errors.py: exceptions -> gRPC statuses around every handler, with serving/auth.py's
   key check;
@@ -29,27 +30,42 @@ from grpc_reflection.v1alpha import reflection
 
 from instructloop.errors import ConfigError
 from instructloop.feedback.config import StoreConfig
+from instructloop.feedback.keys import Keys
 from instructloop.feedback.store import FeedbackStore
 from instructloop.model_init import is_model_dir
-from instructloop.paths import default_model_dir
+from instructloop.paths import checkpoint_roots, default_model_dir
 from instructloop.registry import AsyncModelRegistry, ModelVersion, RegistryError
-from instructloop.serving import completion_service, feedback_service, model_service
+from instructloop.serving import (
+    completion_service,
+    feedback_service,
+    labeling_service,
+    model_service,
+)
 from instructloop.serving.auth import Authenticator
-from instructloop.serving.completion_service import CompletionService
+from instructloop.serving.completion_service import Completions, CompletionService
 from instructloop.serving.config import ServerConfig
 from instructloop.serving.engine import Engine
 from instructloop.serving.errors import RpcGuard
+from instructloop.serving.fallback import start_loadable
 from instructloop.serving.feedback_service import FeedbackService
 from instructloop.serving.hot_swap import HotSwapper
 from instructloop.serving.metrics import ServerMetrics
 from instructloop.serving.model_service import ModelService
+from instructloop.serving.openai.listener import HttpListener
+from instructloop.serving.quotas import QuotaLimits, Quotas
 from instructloop.serving.replica import (
     ServedModel,
     follow_shared_engine,
     report_replica,
     watch_engine_stats,
+    watch_live,
 )
-from instructloop.v1 import completion_pb2_grpc, feedback_pb2_grpc, model_pb2_grpc
+from instructloop.v1 import (
+    completion_pb2_grpc,
+    feedback_pb2_grpc,
+    labeling_pb2_grpc,
+    model_pb2_grpc,
+)
 
 log = logging.getLogger("instructloop.serving")
 _STOP_STEP_S = 5.0
@@ -59,6 +75,7 @@ SERVICES = (
     completion_service.SERVICE_NAME,
     feedback_service.SERVICE_NAME,
     model_service.SERVICE_NAME,
+    labeling_service.SERVICE_NAME,
 )
 
 
@@ -77,16 +94,23 @@ def resolve_model_path(model: str) -> Path:
         raise ConfigError(f"cannot find model {model!r} locally or on the hub: {e}") from e
 
 
+def _hub_cache() -> Path:
+    from huggingface_hub import constants  # heavy; only for a hub id
+
+    return Path(constants.HF_HUB_CACHE)
+
+
 def open_store(config: ServerConfig) -> FeedbackStore:
     """The feedback store, with the server's overrides of its limits."""
     store_cfg = StoreConfig(key_prefix=config.key_prefix)
     if config.feedback_rate_limit_per_minute is not None:
         store_cfg.rate_limit_per_minute = config.feedback_rate_limit_per_minute
+    store_cfg.principal_rate_limit_per_minute = config.quota_feedback_per_minute
     if config.completion_ttl_s is not None:
         store_cfg.completion_ttl_s = config.completion_ttl_s
     try:
         return FeedbackStore.from_url(config.redis_url, store_cfg)
-    except ValueError as e:  # a URL the store cannot use (e.g. rediss://)
+    except ValueError as e:  # a URL the store cannot use (e.g. TLS settings that do not work)
         raise ConfigError(f"--redis-url {config.redis_url}: {e}") from e
 
 
@@ -108,23 +132,40 @@ class InstructloopServer:
         self.config = config
         self.progress = progress
         self.metrics = ServerMetrics()
-        users, admins = config.all_keys()
-        self.auth = Authenticator(users, admins)
+        users, admins = config.key_principals()
+        self.auth = Authenticator(users, admins, config.labeller_principals())
         self.store = open_store(config)
+        self.quotas = Quotas(
+            self.store.client,
+            Keys(config.key_prefix),
+            QuotaLimits(config.quota_completions_per_minute, config.quota_tokens_per_minute),
+            self.metrics,
+        )
         self.registry = AsyncModelRegistry(config.redis_url, prefix=config.key_prefix)
         self._own_engine = engine is None
         self.engine: Engine = engine  # type: ignore[assignment]  # set in start()
         self.served = ServedModel(self.metrics, config.replica_id)
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
+        self._http: HttpListener | None = None
+        self.completions: Completions | None = None  # the core both transports share
+        self.feedback: FeedbackService | None = None
+        self.labeling: labeling_service.Labeling | None = None  # gRPC's and the /label page's
         self._tasks: list[asyncio.Task[None]] = []
         self.swapper: HotSwapper | None = None
         self._stopped = False
         self.port = 0
+        self.http_port = 0
+        """The HTTP API's port once started (0: none)."""
 
     @property
     def address(self) -> str:
         return f"{self.config.grpc_host}:{self.port}"
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP API's base URL (`http://host:port`), None without one."""
+        return self._http.url if self._http is not None else None
 
     @property
     def model(self) -> ModelVersion:
@@ -147,16 +188,22 @@ class InstructloopServer:
                 cfg.grpc_host,
                 cfg.grpc_port,
             )
+        else:
+            self.progress(f"principals: {', '.join(sorted(self.auth.principals))}")
         self.progress(f"registry: {cfg.redis_url} (prefix {cfg.key_prefix!r})")
         self.served.set(await self._start_engine(), time.time())
         self.metrics.engine_up.set(1)
         self._server = await self._listen()
+        if cfg.http_port is not None:
+            await self._listen_http()
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         await self._set_serving(True)
         self._start_tasks()
         self.progress(
             f"serving {self.model.version} ({self.model.path}) on {self.address}"
+            + (f", OpenAI API on {self.http_url}/v1" if self.http_url else "")
+            + (f", labelling page {self.http_url}/label" if self.http_url else "")
             + (f", metrics on :{self.metrics.port}/metrics" if self.metrics.port else "")
         )
         return self
@@ -164,21 +211,30 @@ class InstructloopServer:
     async def _start_engine(self) -> ModelVersion:
         """Start our own engine on the version to serve, or (a shared engine) make sure the
         registry knows what it serves. Returns that version."""
+        self.served.set_pinned(not self.config.follows_live)
         if self.engine is None:
             try:
                 mv = await self._resolve_model()
+                if self.config.model is not None:  # named by the operator: that one or none
+                    self.engine = Engine(mv.path, self.config, model_version=mv.version)
+                    await self.engine.start(self.progress)
+                    return mv
+                # The live version, or the newest that loads if it will not (serving/fallback.py)
+                started = await start_loadable(self.registry, self.config, mv, self.progress)
             except RegistryError as e:
                 raise ConfigError(f"model registry: {e}") from e
-            self.engine = Engine(mv.path, self.config, model_version=mv.version)
-            await self.engine.start(self.progress)
-            return mv
+            self.engine = started.engine
+            self.served.set_fallback(started.fallback)
+            return started.model
         # A shared engine: it serves what it serves.
         if not self.engine.model_version:
             raise ConfigError("a shared engine must carry its model_version")
         try:
             return await self.registry.get(self.engine.model_version)
         except RegistryError:
-            mv = await self.registry.register(self.engine.model, source="register")
+            mv = await self.registry.register(
+                self.engine.model, source="register", roots=[*checkpoint_roots(), self.engine.model]
+            )
             if await self.registry.live() is None:
                 await self.registry.promote(mv.version)
             return mv
@@ -200,7 +256,12 @@ class InstructloopServer:
         else:
             path = await asyncio.to_thread(resolve_model_path, cfg.model)
             source = "register"
-        mv = await self.registry.register(path, source=source)
+        # A directory the operator names with --model is a checkpoint root of its own (a hub
+        # download: the hub cache, whose snapshots link into its blobs); it is verified as any.
+        roots = [*checkpoint_roots()]
+        if cfg.model is not None:
+            roots.append(path if Path(cfg.model).expanduser().is_dir() else _hub_cache())
+        mv = await self.registry.register(path, source=source, roots=roots)
         if await self.registry.live() is None:
             await self.registry.promote(mv.version)
         return mv
@@ -230,29 +291,69 @@ class InstructloopServer:
 
     def _add_services(self, server: grpc.aio.Server) -> None:
         """The three services, each guarded and given its dependencies; health; reflection."""
-        cfg, guard = self.config, RpcGuard(self.auth, self.metrics)
-        completion = CompletionService(self.engine, self.store, cfg, self.metrics)
-        feedback = FeedbackService(self.store, self.metrics)
+        cfg, guard = self.config, RpcGuard(self.auth, self.metrics, self.quotas)
+        self.completions = Completions(self.engine, self.store, cfg, self.metrics)
+        completion = CompletionService(self.completions)
+        feedback = self.feedback = FeedbackService(self.store, self.metrics)
         models = ModelService(self.registry, self.engine, self.served, cfg.replica_id)
         guard.register(
-            completion_pb2_grpc.add_CompletionServiceServicer_to_server, completion, server
+            completion_pb2_grpc.add_CompletionServiceServicer_to_server,
+            completion,
+            server,
+            completions=True,
         )
         guard.register(feedback_pb2_grpc.add_FeedbackServiceServicer_to_server, feedback, server)
         guard.register(model_pb2_grpc.add_ModelServiceServicer_to_server, models, server)
+        self.labeling = labeling_service.build(self.store, cfg, self.metrics)
+        guard.register(
+            labeling_pb2_grpc.add_LabelingServiceServicer_to_server,
+            labeling_service.LabelingService(self.labeling),
+            server,
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
 
+    async def _listen_http(self) -> None:
+        """The OpenAI-compatible HTTP API (serving/openai/) in this loop, on the same core and
+        servicers as gRPC; TLS with gRPC's certificate when it has one."""
+        from instructloop.serving import labeling_http
+        from instructloop.serving.openai.app import build_app
+        from instructloop.serving.openai.parts import ApiParts
+
+        cfg = self.config
+        assert self.completions is not None and self.feedback is not None
+        assert cfg.http_port is not None
+        app = build_app(
+            ApiParts(
+                self.completions, self.feedback, self.auth, self.metrics, self.served,
+                self.engine, cfg, quotas=self.quotas,
+            )
+        )  # fmt: skip
+        app.include_router(labeling_http.router(labeling_http.parts_of(self)))  # /label, /status
+        self._http = HttpListener(
+            app, cfg.http_host, cfg.http_port, access_log=cfg.http_access_log,
+            tls_cert=cfg.tls_cert, tls_key=cfg.tls_key,
+        )  # fmt: skip
+        try:
+            self.http_port = await self._http.start()
+        except OSError as e:
+            self._http = None
+            raise ConfigError(f"cannot listen on {cfg.http_host}:{cfg.http_port}: {e}") from e
+
     def _start_tasks(self) -> None:
-        """Engine metrics, the replica report, engine supervision (or, on a shared engine, its
-        health mirrored) and, for a replica that follows the live version, the hot swapper."""
+        """Engine metrics, the replica report, the live-version watch, engine supervision (or,
+        on a shared engine, its health mirrored) and, for a replica that follows the live
+        version, the hot swapper."""
 
         def spawn(coro: Coroutine[Any, Any, None]) -> None:
             self._tasks.append(asyncio.create_task(coro))
 
         spawn(watch_engine_stats(self.engine, self.metrics))
         spawn(report_replica(self.registry, self.config.replica_id, self._replica_info))
+        # Live versus served: a pinned replica's divergence metric, a fallback's end.
+        spawn(watch_live(self.registry, self.served, lambda: self.config.swap_poll_s))
         if self._own_engine:
             spawn(self.engine.supervise(self._on_engine_state, progress=self.progress))
         else:
@@ -276,6 +377,8 @@ class InstructloopServer:
             "serving_since": self.serving_since,
             "engine_up": self.engine.alive,
             "swap_error": self.swapper.last_error if self.swapper else None,
+            "pinned": self.served.pinned,
+            "fallback": self.served.fallback.reason if self.served.fallback else None,
         }
 
     async def _set_serving(self, serving: bool) -> None:
@@ -308,18 +411,30 @@ class InstructloopServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await self.health.enter_graceful_shutdown()
-            await self._server.stop(grace)
-            self._server = None
+        # Both transports drain together, each giving its requests in flight `grace` seconds.
+        await asyncio.gather(self._stop_grpc(grace), self._stop_http(grace))
         self.metrics.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.registry.remove_replica(self.config.replica_id), 2.0)
         if self._own_engine and self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        with contextlib.suppress(Exception):
+            await self.quotas.settle(_STOP_STEP_S)
         for close in (self.store.close, self.registry.close):
             try:
                 await asyncio.wait_for(close(), _STOP_STEP_S)
             except Exception as e:  # a dead Redis: acks were written before they were sent
                 log.warning("closing a Redis client on stop failed: %s", e)
+
+    async def _stop_grpc(self, grace: float) -> None:
+        if self._server is not None:
+            await self._server.stop(grace)
+            self._server = None
+
+    async def _stop_http(self, grace: float) -> None:
+        if self._http is not None:
+            await self._http.stop(grace)
+            self._http = None
 
     async def _cancel_tasks(self) -> None:
         for t in self._tasks:

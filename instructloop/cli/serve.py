@@ -1,4 +1,5 @@
-"""`instructloop serve`: the gRPC API on a vLLM engine, run until SIGINT or SIGTERM.
+"""`instructloop serve`: the gRPC API (and, with --http-port, the OpenAI-compatible HTTP API) on
+a vLLM engine, run until SIGINT or SIGTERM.
 
 Also what `up` shares with it: the server's flags, their config, the engine's OpenMP settings
 and running the server on the configured event loop. The handlers import the server, so
@@ -22,6 +23,10 @@ from typing import Any
 
 from instructloop.cli.options import EXIT_USAGE, err, say, setup_logging
 from instructloop.serving.config import EVENT_LOOPS
+
+UP_HTTP_PORT = 8000
+"""The HTTP API's port under `up`: vLLM's and most OpenAI-compatible servers' default, so code
+written for them reaches instructloop unchanged."""
 
 
 def add_server_args(p: argparse.ArgumentParser) -> None:
@@ -83,6 +88,17 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--grpc-host", default=None, help="gRPC interface (127.0.0.1)")
     g.add_argument("--grpc-port", type=int, default=None, help="gRPC port (50051; 0: any)")
+    g.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="port of the OpenAI-compatible HTTP API (default: none for serve, "
+        f"{UP_HTTP_PORT} for up; 0: any)",
+    )
+    g.add_argument("--http-host", default=None, help="HTTP API interface (127.0.0.1)")
+    g.add_argument(
+        "--http-access-log", action="store_true", help="log every HTTP request (off: hot path)"
+    )
     g.add_argument("--metrics-host", default=None, help="metrics interface (127.0.0.1)")
     g.add_argument("--metrics-port", type=int, default=None, help="Prometheus port (9464)")
     g.add_argument("--no-metrics", action="store_true", help="serve no metrics")
@@ -92,8 +108,21 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--api-keys-file",
         type=Path,
         default=None,
-        help="keys, one per line: KEY, `user KEY` or `admin KEY` (besides "
-        "INSTRUCTLOOP_API_KEYS / INSTRUCTLOOP_ADMIN_KEYS)",
+        help="keys, one per line: KEY, `user KEY`, `admin KEY` or `labeller KEY`, each KEY as "
+        "NAME:KEY to name its principal (besides INSTRUCTLOOP_API_KEYS / "
+        "INSTRUCTLOOP_ADMIN_KEYS / INSTRUCTLOOP_LABELLER_KEYS)",
+    )
+    g.add_argument(
+        "--label-lease",
+        type=float,
+        default=None,
+        help="seconds a labeller holds a task of the /label queue before it goes back (600)",
+    )
+    g.add_argument(
+        "--labels-per-task",
+        type=int,
+        default=None,
+        help="labels a task needs before it leaves the /label queue (1; 2+ measures agreement)",
     )
 
     g = p.add_argument_group("storage")
@@ -103,7 +132,7 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         "--feedback-rate-limit",
         type=int,
         default=None,
-        help="feedback records per user per minute (600; 0: no limit)",
+        help="feedback records per user (within its key's principal) per minute (600; 0: no limit)",
     )
     g.add_argument("--replica-id", default=None, help="name of this replica (host-pid)")
     g.add_argument(
@@ -111,6 +140,30 @@ def add_server_args(p: argparse.ArgumentParser) -> None:
         choices=EVENT_LOOPS,
         default=None,
         help="event loop (auto: uvloop when installed, else asyncio)",
+    )
+
+    g = p.add_argument_group(
+        "quotas per principal (the owner of an API key: NAME:KEY, else key-<hash>), per minute, "
+        "across replicas; 0: no limit (the default)"
+    )
+    g.add_argument(
+        "--quota-completions",
+        type=int,
+        default=None,
+        help="completion requests (env INSTRUCTLOOP_QUOTA_COMPLETIONS_PER_MINUTE)",
+    )
+    g.add_argument(
+        "--quota-tokens",
+        type=int,
+        default=None,
+        help="generated tokens (env INSTRUCTLOOP_QUOTA_TOKENS_PER_MINUTE)",
+    )
+    g.add_argument(
+        "--quota-feedback",
+        type=int,
+        default=None,
+        help="stored feedback records, all users together (env "
+        "INSTRUCTLOOP_QUOTA_FEEDBACK_PER_MINUTE)",
     )
 
     g = p.add_argument_group("hot swap")
@@ -154,14 +207,22 @@ def config_from_args(args: argparse.Namespace, **extra: Any) -> Any:
         "default_max_tokens": args.default_max_tokens,
         "grpc_host": args.grpc_host,
         "grpc_port": args.grpc_port,
+        "http_host": args.http_host,
+        "http_port": args.http_port,
+        "http_access_log": args.http_access_log or None,
         "metrics_host": args.metrics_host,
         "metrics_port": args.metrics_port,
         "tls_cert": args.tls_cert,
         "tls_key": args.tls_key,
         "api_keys_file": args.api_keys_file,
+        "label_lease_s": args.label_lease,
+        "labels_per_task": args.labels_per_task,
         "redis_url": args.redis_url,
         "key_prefix": args.key_prefix,
         "feedback_rate_limit_per_minute": args.feedback_rate_limit,
+        "quota_completions_per_minute": args.quota_completions,
+        "quota_tokens_per_minute": args.quota_tokens,
+        "quota_feedback_per_minute": args.quota_feedback,
         "replica_id": args.replica_id,
         "follow_live": args.follow_live,
         "swap_drain_timeout_s": args.swap_drain_timeout,
@@ -288,8 +349,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "serve",
         help="serve the policy over gRPC on vLLM",
         description="Start the vLLM engine and the gRPC API (completions, feedback, model "
-        "admin, health, reflection) with Prometheus metrics. Every completion and judgement is "
-        "written to Redis before the RPC answers OK.",
+        "admin, health, reflection) with Prometheus metrics, and with --http-port the "
+        "OpenAI-compatible HTTP API in the same process. Every completion and judgement is "
+        "written to Redis before the request is answered OK.",
     )
     add_server_args(serve)
     serve.set_defaults(func=_serve)

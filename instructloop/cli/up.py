@@ -17,6 +17,7 @@ from typing import Any
 
 from instructloop.cli.options import EXIT_FAILED, EXIT_USAGE, err, say, setup_logging
 from instructloop.cli.serve import (
+    UP_HTTP_PORT,
     add_server_args,
     config_from_args,
     engine_omp_env,
@@ -87,6 +88,14 @@ def _redis(args: argparse.Namespace) -> tuple[str, Any]:
     return proc.url, proc
 
 
+def up_http_port(args: argparse.Namespace) -> int | None:
+    """The HTTP API's port under `up`: on by default (UP_HTTP_PORT), --http-port's if given,
+    none with --no-http."""
+    if args.no_http:
+        return None
+    return UP_HTTP_PORT if args.http_port is None else int(args.http_port)
+
+
 class _Refused(Exception):
     """`up` cannot start: the message says why."""
 
@@ -119,6 +128,9 @@ def _announce(args: argparse.Namespace, cfg: Any, redis_url: str, with_loop: boo
         )
         say(f"data directory: {data_dir()}  (the other verbs find this loop in {record})")
         say(f"gRPC: {server.address}  (grpcurl -plaintext {server.address} list)")
+        if server.http_url:
+            say(f"OpenAI API: {server.http_url}/v1  (the openai SDK's base_url)")
+            say(f"labelling page: {server.http_url}/label  (docs/LABELLING.md)")
         if metrics_url:
             say(f"metrics: {metrics_url}")
         say(f"model: {server.model.version} {server.model.path}")
@@ -145,7 +157,7 @@ def _up(args: argparse.Namespace) -> int:
         redis_url, redis_proc = _redis(args)
         if args.model is None:
             init_default_model(default_model_dir(), progress=say)
-        extra: dict[str, Any] = {"redis_url": redis_url}
+        extra: dict[str, Any] = {"redis_url": redis_url, "http_port": up_http_port(args)}
         if not args.no_loop and args.gpu_memory_utilization is None:
             # On one GPU the training stages share it (instructloop/memory.py); no effect on
             # the CPU backend, whose cache comes from the memory plan.
@@ -174,7 +186,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="run everything on this machine (Redis, default model, server, worker, beat)",
         description="Use REDIS_URL if set, else start a private redis-server with AOF "
         "(appendfsync always) in the data directory; build the default model if missing; "
-        "start the training worker and beat; serve. Ctrl-C stops everything.",
+        "start the training worker and beat; serve gRPC and the OpenAI-compatible HTTP API. "
+        "Ctrl-C stops everything.",
     )
     add_server_args(up)
     up.add_argument(
@@ -185,5 +198,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     up.add_argument(
         "--worker-metrics-port", type=int, default=9109, help="the worker's Prometheus port"
+    )
+    up.add_argument(
+        "--no-http",
+        action="store_true",
+        help=f"serve no OpenAI-compatible HTTP API (default: on port {UP_HTTP_PORT})",
     )
     up.set_defaults(func=_up)

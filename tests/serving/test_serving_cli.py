@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -30,7 +32,8 @@ def test_cli_help_lists_the_verbs() -> None:
         [sys.executable, "-m", "instructloop", "serve", "--help"],
         capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    for flag in ("--model", "--grpc-port", "--metrics-port", "--redis-url", "--kv-cache-space-gib"):
+    flags = ("--model", "--grpc-port", "--metrics-port", "--redis-url", "--kv-cache-space-gib")
+    for flag in (*flags, "--http-port"):
         assert flag in out
 
 
@@ -45,7 +48,7 @@ def test_serve_refuses_half_a_tls_pair(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.engine
 def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
-    port, mport = free_port(), free_port()
+    port, mport, hport = free_port(), free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
         INSTRUCTLOOP_DATA_DIR=str(tmp_path / "data"),
@@ -56,7 +59,7 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "instructloop", "up", "--model", str(model_dir),
          "--grpc-port", str(port), "--metrics-port", str(mport), "--kv-cache-space-gib", "1",
-         "--worker-metrics-port", str(free_port())],
+         "--worker-metrics-port", str(free_port()), "--http-port", str(hport)],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
@@ -83,8 +86,16 @@ def test_up_serves_and_stops_on_ctrl_c(tmp_path: Path, model_dir: Path) -> None:
                 model_pb2.GetServingModelRequest(), metadata=[("authorization", "Bearer cli-admin")]
             )
             assert sm.model.version == resp.model_version == sm.live_version
+            # The OpenAI-compatible HTTP API, on by default under `up`, same keys.
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{hport}/v1/models",
+                headers={"Authorization": "Bearer cli-user"},
+            )
+            with urllib.request.urlopen(req, timeout=30) as r:
+                assert json.load(r)["data"][0]["id"] == resp.model_version
         text = (tmp_path / "up.log").read_text()
         assert f"gRPC: 127.0.0.1:{port}" in text and "metrics: http://" in text
+        assert f"OpenAI API: http://127.0.0.1:{hport}/v1" in text
         if engine_omp_env(None) and cpu_engine_installed():  # a small CPU machine, as CI's
             # Set before torch loaded (else the server says it was too late).
             assert "engine: OpenMP threads spin 20000 turns" in text, text[-3000:]

@@ -91,9 +91,11 @@ def test_engine_omp_env() -> None:
 
 
 def test_a_redis_url_the_store_cannot_use_is_a_config_error() -> None:
-    """rediss:// (TLS) is refused before anything starts, naming the flag and the reason."""
-    with pytest.raises(ConfigError, match=r"--redis-url rediss://127\.0\.0\.1:6380/0: .*TLS"):
-        InstructloopServer(ServerConfig(redis_url="rediss://127.0.0.1:6380/0"))
+    """A rediss:// URL whose CA file is missing is refused before anything starts, naming the
+    flag and the reason."""
+    url = "rediss://127.0.0.1:6380/0?ssl_ca_certs=/nonexistent/ca.crt"
+    with pytest.raises(ConfigError, match=r"--redis-url rediss://127\.0\.0\.1:6380/0.*TLS"):
+        InstructloopServer(ServerConfig(redis_url=url))
 
 
 @pytest.mark.parametrize(
@@ -157,7 +159,8 @@ def test_check_request_limits_follow_config() -> None:
 
 
 def test_alert_rules_use_metrics_that_exist() -> None:
-    """deploy/prometheus/alerts.yml refers only to series serving/metrics.py exports."""
+    """deploy/prometheus/alerts.yml's serving and feedback rules refer only to series
+    serving/metrics.py exports (the loop's rules: tests/test_deploy_alerts.py)."""
     import re
 
     import yaml
@@ -170,10 +173,12 @@ def test_alert_rules_use_metrics_that_exist() -> None:
     m.set_served_model("v1", "/m", "r")
     m.ttft.observe(0.1)
     m.swap_duration.labels("total").observe(1.0)
+    m.feedback_records.labels("ranking").inc()
     names = {s.name for fam in m.registry.collect() for s in fam.samples}
     root = Path(__file__).resolve().parents[2]
     rules = yaml.safe_load((root / "deploy/prometheus/alerts.yml").read_text())
-    exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    served = ("instructloop", "instructloop-feedback")
+    exprs = [r["expr"] for g in rules["groups"] if g["name"] in served for r in g["rules"]]
     used = {n for e in exprs for n in re.findall(r"\binstructloop_[a-z_]+", e)}
     assert used and used <= names, used - names
 
