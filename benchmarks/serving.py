@@ -10,7 +10,8 @@ other, alternating the order over `--reps` short repetitions (only one is ever u
 would share the two cores; each run starts SETTLE_S after the previous one's last request, once
 that idle engine has stopped spinning).
 The load generators are aiohttp for vLLM's server and benchmarks/grpc_load.py's HTTP/2 client for
-instructloop's (`instructloop-grpc-aio` adds grpc.aio's client on the same server).
+instructloop's gRPC API; `instructloop-http` calls the same instructloop server's OpenAI API with
+the same aiohttp client as vLLM's (`instructloop-grpc-aio` adds grpc.aio's client).
 
 Measured per server and concurrency: output tokens per second (all output tokens / wall time),
 time to first token p50/p99, end-to-end latency p50/p99, and the CPU time each server's processes
@@ -22,7 +23,8 @@ reason. instructloop logs every completion to a durable Redis (AOF, appendfsync 
 it answers, as it does in production.
 
     python -m benchmarks.serving [--concurrency 1 8 32] [--requests-per-level 4 16 64] [--reps 6]
-        [--servers vllm-openai vllm-openai-matched instructloop instructloop-grpc-aio]
+        [--servers vllm-openai vllm-openai-matched instructloop instructloop-http
+                   instructloop-grpc-aio]
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ SETTLE_S = 2.0
 API_KEY = "bench-key"
 # instructloop's server as each of its load generators calls it: our lean HTTP/2 client, and
 # grpc.aio's (see grpc_client).
-INSTRUCTLOOP_CLIENTS = ("instructloop", "instructloop-grpc-aio")
+INSTRUCTLOOP_CLIENTS = ("instructloop", "instructloop-http", "instructloop-grpc-aio")
 # vLLM's server as it ships, and given the engine environment instructloop's server sets for
 # itself (for one, no core held back for the scheduler on a 2-core machine; see
 # instructloop/hardware.py), which leaves only the API layers different.
@@ -273,11 +275,13 @@ def wait_http(url: str, proc: Proc, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} not healthy after {timeout}s:\n{proc.tail()}")
 
 
-def vllm_client(port: int):
+def vllm_client(port: int, api_key: str | None = None):
+    """Streaming /v1/completions calls, as to `vllm serve` (instructloop's OpenAI API too)."""
     import aiohttp
 
     session: aiohttp.ClientSession | None = None
     url = f"http://127.0.0.1:{port}/v1/completions"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     async def one(text: str) -> Sample:
         nonlocal session
@@ -294,7 +298,7 @@ def vllm_client(port: int):
         t0 = time.perf_counter()
         ttft = None
         tokens = 0
-        async with session.post(url, json=body) as resp:
+        async with session.post(url, json=body, headers=headers) as resp:
             resp.raise_for_status()
             async for raw in resp.content:
                 line = raw.decode().strip()
@@ -322,10 +326,17 @@ def vllm_client(port: int):
 
 
 def start_instructloop(
-    model_dir: Path, port: int, metrics_port: int, redis_url: str, log: Path, *extra: str
+    model_dir: Path,
+    port: int,
+    metrics_port: int,
+    redis_url: str,
+    log: Path,
+    *extra: str,
+    http_port: int | None = None,
 ):
+    http = ["--http-port", str(http_port)] if http_port is not None else []
     cmd = [
-        python(), "-m", "instructloop", "serve",
+        python(), "-m", "instructloop", "serve", *http,
         "--model", str(model_dir), "--grpc-port", str(port), "--metrics-port", str(metrics_port),
         "--redis-url", redis_url, "--max-model-len", str(MAX_MODEL_LEN),
         "--dtype", engine_dtype(model_dir), *extra,
@@ -609,6 +620,7 @@ def main() -> None:
     servers = args.servers or [
         "vllm-openai",
         "instructloop",
+        "instructloop-http",
         *(["vllm-openai-matched"] if matched_env else []),
     ]
     texts = prompts(model_dir, 64)
@@ -620,7 +632,8 @@ def main() -> None:
     try:
         # Both servers are up together (an idle engine takes no CPU), so their runs can
         # alternate; see bench_interleaved.
-        il: tuple[int, CpuProbe] | None = None  # one instructloop server for both its clients
+        # One instructloop server for all its clients: (gRPC port, HTTP port, CPU probe).
+        il: tuple[int, int, CpuProbe] | None = None
         for name in servers:
             if name in VLLM_SERVERS:
                 print(f"{name}: starting")
@@ -634,15 +647,19 @@ def main() -> None:
                 continue
             if il is None:
                 print("instructloop: starting")
-                port = free_port()
+                port, http_port = free_port(), free_port()
                 proc = start_instructloop(
-                    model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log"
-                )
+                    model_dir, port, free_port(), redis.url, logs / "serving-instructloop.log",
+                    http_port=http_port,
+                )  # fmt: skip
                 procs.append(proc)
                 wait_grpc(port, proc)
-                il = (port, CpuProbe(proc.proc.pid, redis.proc.pid))
+                il = (port, http_port, CpuProbe(proc.proc.pid, redis.proc.pid))
+            if name == "instructloop-http":
+                clients[name] = (*vllm_client(il[1], api_key=API_KEY), il[2])
+                continue
             lean = name == "instructloop"
-            clients[name] = (*grpc_client(il[0], lean=lean), il[1])
+            clients[name] = (*grpc_client(il[0], lean=lean), il[2])
 
         async def go() -> list[LevelResult]:
             try:
