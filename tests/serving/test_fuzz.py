@@ -48,6 +48,8 @@ from instructloop.v1 import (
     completion_pb2_grpc,
     feedback_pb2,
     feedback_pb2_grpc,
+    labeling_pb2,
+    labeling_pb2_grpc,
     model_pb2,
     model_pb2_grpc,
 )
@@ -69,7 +71,9 @@ SERVICES = [
     (completion_pb2, completion_pb2_grpc.CompletionServiceStub, "CompletionService"),
     (feedback_pb2, feedback_pb2_grpc.FeedbackServiceStub, "FeedbackService"),
     (model_pb2, model_pb2_grpc.ModelServiceStub, "ModelService"),
+    (labeling_pb2, labeling_pb2_grpc.LabelingServiceStub, "LabelingService"),
 ]
+LABELLER_KEY = "fuzz-labeller-key"
 READ_ONLY = {"GetServingModel", "ListModels"}
 NO_KEYS: list[tuple[tuple[str, str], ...]] = [
     (),
@@ -238,6 +242,11 @@ def plan(ms: list[Method], rng: random.Random) -> list[tuple[Sent, Any, tuple]]:
                 auth = "none"
             elif m.service == "ModelService":
                 auth = "user" if r < 6 else "admin"
+            elif m.service == "LabelingService":
+                # A labeller's call that decodes is a real lease or label: only bodies that
+                # do not decode go with its key (the queue's own tests cover the rest).
+                auth = "user" if r < 7 else "labeller"
+                kind = "raw" if auth == "labeller" else kind
             else:
                 auth = "user"
             md = rng.choice(NO_KEYS) if auth == "none" else _md(auth)
@@ -250,6 +259,8 @@ def plan(ms: list[Method], rng: random.Random) -> list[tuple[Sent, Any, tuple]]:
                 if rollback and decodes(m.request, body) is not None:
                     body += b"\x0a\x7f"  # field 1, 127 bytes long, and none follow
                 parsed = decodes(m.request, body)
+                if auth == "labeller" and parsed is not None:
+                    continue
                 payload: Any = body
             else:
                 parsed = msg
@@ -276,7 +287,8 @@ def plan(ms: list[Method], rng: random.Random) -> list[tuple[Sent, Any, tuple]]:
 
 
 def _md(auth: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {ADMIN_KEY if auth == 'admin' else USER_KEY}"),)
+    key = {"admin": ADMIN_KEY, "labeller": LABELLER_KEY}.get(auth, USER_KEY)
+    return (("authorization", f"Bearer {key}"),)
 
 
 async def send(ch: grpc.aio.Channel, sent: Sent, payload: Any, md: tuple) -> None:
@@ -305,6 +317,8 @@ def allowed(sent: Sent) -> bool:
     """Whether the key allows the call (else the key's refusal is all it may get)."""
     if sent.auth == "none":
         return False
+    if sent.method.service == "LabelingService":
+        return sent.auth in ("labeller", "admin")
     return sent.method.service != "ModelService" or sent.auth == "admin"
 
 
@@ -337,8 +351,9 @@ def stored_by(sent: list[Sent]) -> tuple[set[str], int]:
 @pytest_asyncio.fixture(scope="module")
 async def target(served: Served, serving_redis_url: str) -> AsyncIterator[Served]:
     async with running_server(
-        None, serving_redis_url, engine=served.engine, default_max_tokens=2
-    ) as s:
+        None, serving_redis_url, engine=served.engine, default_max_tokens=2,
+        labeller_keys=(LABELLER_KEY,),
+    ) as s:  # fmt: skip
         yield s
 
 
@@ -348,7 +363,7 @@ async def test_malformed_requests_to_every_method(
     caplog.set_level(logging.WARNING)
     rng = random.Random(SEED)
     ms = methods()
-    assert len(ms) == 9, [m.path for m in ms]
+    assert len(ms) == 9 + len(labeling_pb2.DESCRIPTOR.services_by_name["LabelingService"].methods)
     todo = plan(ms, rng)
     before = redis_state(serving_redis)
     t0 = time.monotonic()
@@ -371,13 +386,15 @@ async def test_malformed_requests_to_every_method(
     where = f"(seed {SEED}, {len(sent)} requests in {elapsed:.1f} s)"
 
     # Enough of each, of every variant: with and without a key that allows the call, raw and
-    # stub-built (but no decodable rollback: with an admin key that is a real one).
+    # stub-built.
     per = Counter((s.method.name, s.kind, allowed(s)) for s in sent)
     for m in ms:
         assert sum(v for (n, _, _), v in per.items() if n == m.name) >= PER_METHOD, where
         for kind in ("raw", "stub"):
             assert per[(m.name, kind, False)] > 100, (m.name, kind, where)
-            if m.name != "RollbackModel" or kind == "raw":
+            # (no decodable rollback with an admin key, no decodable labelling call with a
+            # labeller's: both would act)
+            if kind == "raw" or (m.name != "RollbackModel" and m.service != "LabelingService"):
                 assert per[(m.name, kind, True)] > 100, (m.name, kind, where)
     undecodable = Counter(s.method.name for s in sent if not s.decodable and allowed(s))
     assert all(undecodable[m.name] > 100 for m in ms), (undecodable, where)
