@@ -70,6 +70,13 @@ class HotSwapper:
         self.settings = settings
         self.failure: _Failure | None = None
         self.swaps = 0
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Swap nothing more, whatever happens to the task's cancellation: a swapper that
+        outlives its server (a cancellation lost in a Redis client's read) would otherwise keep
+        a shared engine on its own registry's live version."""
+        self._stopped = True
 
     @property
     def last_error(self) -> str | None:
@@ -81,7 +88,7 @@ class HotSwapper:
         with contextlib.suppress(Exception):  # an optimisation only; validation runs anyway
             await asyncio.to_thread(warm_validation, self.engine.llm)
         backoff = 0.5
-        while True:
+        while not self._stopped:
             try:
                 await self._follow()
             except asyncio.CancelledError:
@@ -90,7 +97,7 @@ class HotSwapper:
                 log.warning("hot swap: following the registry failed (%s); retrying", e)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self.settings().swap_poll_s * 4)
-            else:  # pragma: no cover - _follow only returns by raising
+            else:  # _follow returns once stopped
                 backoff = 0.5
 
     async def _follow(self) -> None:
@@ -98,7 +105,7 @@ class HotSwapper:
         try:
             await pubsub.subscribe(self.registry.events_channel)
             await self.reconcile()
-            while True:
+            while not self._stopped:
                 await pubsub.get_message(
                     ignore_subscribe_messages=True, timeout=self.settings().swap_poll_s
                 )
@@ -109,8 +116,10 @@ class HotSwapper:
 
     async def reconcile(self) -> None:
         """Swap to the live version if this replica serves another one (and may try now)."""
+        if self._stopped:
+            return
         live = await self.registry.live()
-        if live is None:
+        if live is None or self._stopped:
             return
         if live.version == self.engine.model_version:
             self._clear()

@@ -406,7 +406,10 @@ class InstructloopServer:
         self._stopped = True
         grace = self.config.shutdown_grace_s if grace is None else grace
         # The supervisor goes first: an engine that dies while we stop (Ctrl-C in a terminal
-        # reaches the engine process too) must not be restarted.
+        # reaches the engine process too) must not be restarted. The swapper stops swapping
+        # before its task is cancelled.
+        if self.swapper is not None:
+            self.swapper.stop()
         await self._cancel_tasks()
         if self._server is not None:
             with contextlib.suppress(Exception):
