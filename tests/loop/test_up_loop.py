@@ -193,7 +193,7 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
 
             sent = _rank_some(ch, 16)
             assert sent >= 4
-            _replay_and_reject(ch)
+            sent += _replay_and_reject(ch)
             exp = _verb("feedback", "export", "--out", str(tmp_path / "export"), env=env)
             assert exp.returncode == 0, exp.stderr
             assert f"rankings {sent}," in exp.stdout, exp.stdout
@@ -260,9 +260,9 @@ def test_up_as_shipped_keeps_serving_through_a_cycle(tmp_path: Path, model_dir: 
     assert read_running(data, check_alive=False) is None  # the record goes with the loop
 
 
-def _replay_and_reject(ch: grpc.Channel) -> None:
+def _replay_and_reject(ch: grpc.Channel) -> int:
     """A client retry (an idempotent replay, acknowledged again) and a forged ranking (refused):
-    what the dashboard's feedback panels count."""
+    what the dashboard's feedback panels count. Returns the rankings stored (one)."""
     comp = completion_pb2_grpc.CompletionServiceStub(ch)
     fb = feedback_pb2_grpc.FeedbackServiceStub(ch)
     md = [("authorization", f"Bearer {USER}")]
@@ -281,6 +281,7 @@ def _replay_and_reject(ch: grpc.Channel) -> None:
     with pytest.raises(grpc.RpcError) as e:
         fb.SubmitRanking(forged, metadata=md)
     assert e.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    return 1
 
 
 def _metrics(port: int) -> dict[str, Any]:
