@@ -154,6 +154,7 @@ async def browser() -> AsyncIterator[Any]:
     if not Path(CHROMIUM).exists():  # a failure, not a skip: CI must run the browser tests
         pytest.fail(f"{CHROMIUM} is not installed (scripts/install.sh installs Debian's chromium)")
     import playwright.async_api as playwright
+
     async with playwright.async_playwright() as p:
         b = await p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
