@@ -4,23 +4,19 @@ every instructloop metric they name is one the code exports (promtool from Debia
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+
+from tests.support.prometheus import exported_metric_names, system_tool, unknown_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 PROM = REPO / "deploy" / "prometheus"
 
 
 def _promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        pytest.fail("promtool is missing: run scripts/install.sh (Debian's `prometheus` package)")
-    return tool
+    return system_tool("promtool")
 
 
 def _alerts() -> dict[str, dict]:
@@ -48,13 +44,6 @@ def test_every_alert_fires_and_stays_quiet_in_promtools_unit_tests() -> None:
 
 
 def test_alerts_name_only_metrics_the_code_exports() -> None:
-    code = "\n".join(
-        p.read_text()
-        for d in ("serving", "training", "instructloop")
-        for p in (REPO / d).rglob("*.py")
-    )
-    exported = set(re.findall(r'"(instructloop_[a-z_]+)"', code))
+    exported = exported_metric_names()
     for name, rule in _alerts().items():
-        for metric in set(re.findall(r"instructloop_[a-z_]+", rule["expr"])):
-            base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
-            assert metric in exported or base in exported, (name, metric)
+        assert not unknown_metrics(rule["expr"], exported), name

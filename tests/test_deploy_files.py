@@ -14,15 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.prometheus import exported_metric_names, system_tool, unknown_metrics
+
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is missing: run scripts/install.sh (Debian's packages)")
-    return path
 
 
 def _run(*argv: str, cwd: Path = DEPLOY) -> str:
@@ -35,7 +30,7 @@ def _run(*argv: str, cwd: Path = DEPLOY) -> str:
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_compose_runs_the_whole_loop(profile: str) -> None:
     cfg = yaml.safe_load(
-        _run(_tool("docker-compose"), "-f", "compose.yaml", "--profile", profile, "config")
+        _run(system_tool("docker-compose"), "-f", "compose.yaml", "--profile", profile, "config")
     )
     services = {  # docker-compose v1 lists every profile's services
         n: s for n, s in cfg["services"].items() if profile in s.get("profiles", [profile])
@@ -69,29 +64,22 @@ def test_prometheus_scrapes_servers_worker_and_redis_and_alerts(tmp_path: Path) 
     (tmp_path / "prometheus.yml").write_text(
         text.replace("/etc/prometheus/alerts.yml", str(tmp_path / "alerts.yml"))
     )
-    _run(_tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml"))
+    _run(system_tool("promtool"), "check", "config", str(tmp_path / "prometheus.yml"))
 
 
 def test_alertmanager_config_is_valid() -> None:
-    _run(_tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml"))
+    _run(system_tool("amtool"), "check-config", str(DEPLOY / "alertmanager" / "alertmanager.yml"))
 
 
 def test_dashboard_queries_name_exported_metrics() -> None:
     dash = json.loads((DEPLOY / "grafana" / "dashboards" / "instructloop.json").read_text())
-    code = "\n".join(
-        p.read_text()
-        for d in ("serving", "training", "instructloop")
-        for p in (REPO / d).rglob("*.py")
-    )
-    exported = set(re.findall(r'"(instructloop_[a-z_]+)"', code))
+    exported = exported_metric_names()
     rows = [p["title"] for p in dash["panels"] if p["type"] == "row"]
     assert rows == ["Serving", "Feedback", "The loop", "Redis"]
     for p in dash["panels"]:
         for t in p.get("targets", []):
             assert t["datasource"]["uid"] == "prometheus"
-            for metric in re.findall(r"instructloop_[a-z_]+", t["expr"]):
-                base = re.sub(r"_(total|bucket|sum|count)$", "", metric)
-                assert base in exported or metric in exported, (p["title"], metric)
+            assert not unknown_metrics(t["expr"], exported), p["title"]
 
 
 def test_image_runs_as_non_root_with_a_healthcheck() -> None:

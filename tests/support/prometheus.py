@@ -5,6 +5,7 @@ checked against what a deployment would scrape."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -21,11 +22,32 @@ REPO = Path(__file__).resolve().parents[2]
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "instructloop.json"
 
 
-def _tool(name: str) -> str:
+def system_tool(name: str) -> str:
+    """The path of a Debian tool the tests drive; a failure, not a skip, where it is missing."""
     path = shutil.which(name)
     if path is None:
-        pytest.fail(f"{name} is missing: run scripts/install.sh (Debian's monitoring packages)")
+        pytest.fail(f"{name} is missing: run scripts/install.sh (Debian's packages)")
     return path
+
+
+def exported_metric_names() -> set[str]:
+    """Every `instructloop_*` metric name the code defines (serving, the loop, the ground)."""
+    code = "\n".join(
+        p.read_text()
+        for d in ("serving", "training", "instructloop")
+        for p in (REPO / d).rglob("*.py")
+    )
+    return set(re.findall(r'"(instructloop_[a-z_]+)"', code))
+
+
+def unknown_metrics(expr: str, exported: set[str]) -> list[str]:
+    """The instructloop series `expr` names that the code does not export (counters' `_total`
+    and histograms' `_bucket`, `_sum`, `_count` are the defined name's)."""
+    return [
+        m
+        for m in re.findall(r"instructloop_[a-z_]+", expr)
+        if m not in exported and re.sub(r"_(total|bucket|sum|count)$", "", m) not in exported
+    ]
 
 
 class Scraper:
@@ -44,7 +66,7 @@ class Scraper:
         if self.redis_url is not None:
             rport = free_port()
             self.procs.append(self._start(
-                [_tool("prometheus-redis-exporter"), f"--redis.addr={self.redis_url}",
+                [system_tool("prometheus-redis-exporter"), f"--redis.addr={self.redis_url}",
                  f"--web.listen-address=127.0.0.1:{rport}"], "redis_exporter.log",
             ))  # fmt: skip
             self.targets["redis"] = [f"127.0.0.1:{rport}"]
@@ -56,7 +78,7 @@ class Scraper:
                "scrape_configs": jobs}  # fmt: skip
         (self.workdir / "prometheus.yml").write_text(json.dumps(cfg))  # JSON is YAML
         self.procs.append(self._start(
-            [_tool("prometheus"), f"--config.file={self.workdir / 'prometheus.yml'}",
+            [system_tool("prometheus"), f"--config.file={self.workdir / 'prometheus.yml'}",
              f"--storage.tsdb.path={self.workdir / 'tsdb'}",
              f"--web.listen-address=127.0.0.1:{self.port}"], "prometheus.log",
         ))  # fmt: skip
